@@ -1,0 +1,109 @@
+"""`edge-agent bench`: CPU seconds per frame, frames per second and peak RSS of decode only, the
+agent at its defaults, and the naive pipeline (full-size detection and classification of every
+face on every frame), each in a fresh process so peak RSS is its own; on the generated scene also
+recall, duplicates, attribute accuracy and latency against the ground truth."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent import config, scenario
+from edge_agent.capture import open_source
+from edge_agent.demo import shared_dir
+
+MODES = ("decode", "agent", "naive")
+
+
+def main(shared: str | None, clip: str | None, people: int, modes: list[str],
+         every_n: int | None) -> int:
+    base = shared_dir(shared)
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as work:
+        if clip is None:
+            scn = scenario.plan(base / "data" / "faces", people=people, seed=11)
+            clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4"))
+        print(f"clip: {clip}")
+        print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12}")
+        results = {}
+        for mode in modes:
+            out = subprocess.run(
+                [sys.executable, "-m", "edge_agent.bench", mode, clip, str(base / "models"),
+                 str(every_n or 0)], capture_output=True, text=True, check=True)
+            r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "
+                  f"{r['peak_rss_mb']:>12.1f}")
+            if "score" in r:
+                print(f"         {r['score']}")
+    cpu = {m: r["cpu_ms_per_frame"] for m, r in results.items()}
+    if "agent" in cpu and "decode" in cpu:
+        print(f"agent / decode CPU: {cpu['agent'] / cpu['decode']:.2f}x")
+    if "agent" in cpu and "naive" in cpu:
+        print(f"naive / agent CPU: {cpu['naive'] / cpu['agent']:.2f}x")
+    return 0
+
+
+def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, Any]:
+    """One mode over every frame of the clip, in this process."""
+    from edge_agent.agent import Pipeline
+    from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier
+    from edge_agent.detect import make_detector
+
+    cfg = config.from_dict({"source": {"uri": clip, "realtime": False},
+                            "models": {"dir": models_dir}})
+    if every_n:
+        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect,
+                                                                  every_n_frames=every_n))
+    events: list[dict[str, Any]] = []
+    step: Any = None
+    finish: Any = None
+    if mode == "agent":
+        pipe = Pipeline(cfg, events.append)
+        step, finish = pipe.step, pipe.finish
+    elif mode == "naive":
+        detector = make_detector(dataclasses.replace(cfg.detect, width=1 << 16), models_dir)
+        classifier = FaceClassifier(f"{models_dir}/{GENDER_FILE}", f"{models_dir}/{AGE_FILE}")
+
+        def step(frame: Any) -> None:
+            for det in detector.detect(frame.image):
+                classifier.predict(frame.image, det)
+
+    source = open_source(cfg.source)
+    frames = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while True:
+        frame = source.read(5.0)
+        if frame is None:
+            if source.finished:
+                break
+            continue
+        frames += 1
+        if step is not None:
+            step(frame)
+    if finish is not None:
+        finish()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    source.close()
+    out: dict[str, Any] = {
+        "mode": mode, "frames": frames,
+        "cpu_ms_per_frame": 1e3 * cpu / max(frames, 1), "fps": frames / wall if wall else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    truth = Path(clip + ".json")
+    if mode == "agent" and truth.exists():
+        out["score"] = scenario.evaluate(scenario.Scenario.load(truth), events).summary()
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))))

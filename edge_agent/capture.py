@@ -1,0 +1,335 @@
+"""Frame sources: V4L2 cameras, RTSP/HTTP streams and video files."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import cv2
+import numpy as np
+
+from edge_agent.config import SourceConfig
+
+log = logging.getLogger(__name__)
+
+# TCP because RTP over UDP smears frames on lossy Wi-Fi; the small probe cuts opening ~2 s -> 0.4 s.
+FFMPEG_CAPTURE_OPTIONS = "rtsp_transport;tcp|analyzeduration;200000|probesize;32768"
+_STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")
+_CLOSE_JOIN_S = 1.0
+_MAX_SKIP_S = 2.0
+
+
+@dataclass(slots=True)
+class Frame:
+    image: np.ndarray  # BGR uint8, HxWx3
+    index: int  # CONTRACT.md `frame`: file position (counting on across loops) or live counter
+    ts: float  # Unix time of the frame
+
+
+class FrameSource(Protocol):
+    def read(self, timeout: float) -> Frame | None:
+        """The next frame, or None if none came within `timeout` seconds (stream stalled or
+        reconnecting). Never blocks longer than `timeout`."""
+
+    @property
+    def finished(self) -> bool:
+        """True once a finite source (a file without loop) has delivered its last frame."""
+
+    @property
+    def state(self) -> str:
+        """'open', 'connecting', 'reconnecting' or 'finished' ('closed' after close()), for
+        health reports."""
+
+    def close(self) -> None: ...
+
+
+def open_source(cfg: SourceConfig) -> FrameSource:
+    """The source for `cfg.uri`: /dev/... is a V4L2 camera, rtsp/http(s) a stream, else a file.
+
+    Files are checked here (FileNotFoundError / ValueError naming the path); live sources never
+    raise for a missing device or server, they keep retrying in the background.
+    """
+    uri = cfg.uri
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if uri.startswith("/dev/"):
+        return CameraSource(cfg)
+    if scheme in _STREAM_SCHEMES:
+        return StreamSource(cfg)
+    if scheme == "file":
+        return FileSource(cfg, unquote(uri[len("file://"):]))
+    if scheme:
+        raise ValueError(f"{uri}: unsupported scheme (expected /dev/..., rtsp, http(s), a file)")
+    return FileSource(cfg, uri)
+
+
+class FileSource:
+    """A video file read on the caller's thread.
+
+    `realtime` emulates a camera: frames are due at the file's fps on the wall clock and, like a
+    camera, frames a slow consumer missed by more than one frame interval are skipped (their
+    index is kept, so gaps show). Otherwise every frame is delivered as fast as it is read.
+    """
+
+    reconnects = 0
+    last_error: str | None = None
+
+    def __init__(self, cfg: SourceConfig, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(errno.ENOENT, "video file not found", path)
+        self._path = path
+        self._realtime = cfg.realtime
+        self._loop = cfg.loop
+        self._cap: cv2.VideoCapture | None = self._open()
+        if not self._cap.grab():
+            self._cap.release()
+            raise ValueError(f"{path}: no decodable video frame")
+        self._grabbed = True
+        fps = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if math.isfinite(fps) and 0 < fps <= 1000 else cfg.fps or 25.0
+        self._index = 0
+        self._finished = False
+        self._start_wall = 0.0
+        self._start_mono: float | None = None
+        log.info(
+            "%s: open (%.2f fps, realtime %s, loop %s)", path, self.fps, cfg.realtime, cfg.loop
+        )
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise ValueError(f"{self._path}: not a readable video file")
+        return cap
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def state(self) -> str:
+        if self._cap is None and not self._finished:
+            return "closed"
+        return "finished" if self._finished else "open"
+
+    def read(self, timeout: float) -> Frame | None:
+        if self._finished or self._cap is None:
+            return None
+        if self._start_mono is None:
+            self._start_mono, self._start_wall = time.monotonic(), time.time()
+        if self._realtime:
+            lag = time.monotonic() - (self._start_mono + self._index / self.fps)
+            if lag < -timeout:
+                time.sleep(max(timeout, 0.0))
+                return None
+            if lag < 0:
+                time.sleep(-lag)
+            elif lag > _MAX_SKIP_S:
+                # A consumer that paused resumes from here instead of decoding the whole gap.
+                self._start_mono += lag
+                lag = 0.0
+            for _ in range(int(lag * self.fps) - 1):
+                if not self._advance():
+                    return self._finish()
+                self._grabbed = False
+                self._index += 1
+        if not self._advance():
+            return self._finish()
+        self._grabbed = False
+        ok, image = self._cap.retrieve()
+        if not ok:
+            return self._finish()
+        frame = Frame(image, self._index, self._start_wall + self._index / self.fps)
+        self._index += 1
+        return frame
+
+    def _advance(self) -> bool:
+        """Make sure a frame is grabbed, restarting the file at its end when looping."""
+        assert self._cap is not None
+        if self._grabbed:
+            return True
+        self._grabbed = self._cap.grab()
+        if not self._grabbed and self._loop:
+            self._cap.release()
+            self._cap = self._open()
+            self._grabbed = self._cap.grab()
+        return self._grabbed
+
+    def _finish(self) -> None:
+        self._finished = True
+        log.info("%s: finished after %d frames", self._path, self._index)
+        self.close()
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class _LiveSource:
+    """Reads a live device on a daemon thread and keeps only its newest frame, so a consumer
+    slower than the camera always works on current video; reopens a lost device with back-off."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.uri = _redact(cfg.uri)
+        self.reconnects = 0  # times the stream was lost after it had delivered frames
+        self.last_error: str | None = None
+        self._state = "connecting"
+        self._slot: Frame | None = None
+        self._count = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"capture:{self.uri}", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> cv2.VideoCapture:
+        """An opened capture, or OSError saying why not."""
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def read(self, timeout: float) -> Frame | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._slot is not None or self._stop.is_set(), timeout)
+            frame, self._slot = self._slot, None
+        return frame
+
+    def close(self) -> None:
+        """Stop the reader; a read blocked in the codec ends within its read timeout and then
+        releases the capture on its own thread, so close() itself stays quick."""
+        self._stop.set()
+        with self._cond:
+            self._state, self._slot = "closed", None
+            self._cond.notify_all()
+        self._thread.join(_CLOSE_JOIN_S)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                cap = self._open()
+            except (OSError, cv2.error) as e:
+                error = str(e)
+            else:
+                try:
+                    delivered, error = self._pump(cap)
+                finally:
+                    cap.release()
+                if delivered:
+                    failures = 0
+            if self._stop.is_set():
+                break
+            self._failed(error)
+            delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2 ** min(failures, 30))
+            failures += 1
+            self._stop.wait(random.uniform(max(self.cfg.reconnect_min_s, delay / 2), delay))
+
+    def _pump(self, cap: cv2.VideoCapture) -> tuple[bool, str]:
+        """Hand frames over until the device fails; returns (any frame delivered, why it ended)."""
+        delivered = False
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                ok, image = cap.read()
+            except cv2.error as e:
+                return delivered, f"read failed: {e}"
+            if not ok or image is None:
+                waited = time.monotonic() - started
+                if waited >= self.cfg.read_timeout_s:
+                    return delivered, f"no frame for {waited:.1f} s"
+                return delivered, "stream ended or read failed"
+            frame = Frame(image, self._count, time.time())
+            self._count += 1
+            delivered = True
+            with self._cond:
+                if self._stop.is_set():
+                    break
+                self._slot = frame
+                if self._state != "open":
+                    log.info("%s: open (%dx%d)", self.uri, image.shape[1], image.shape[0])
+                    self._state = "open"
+                self._cond.notify_all()
+        return delivered, "closed"
+
+    def _failed(self, error: str) -> None:
+        with self._cond:
+            if self._state == "open":
+                self.reconnects += 1
+                self._state = "reconnecting"
+                log.warning("%s: lost (%s), reconnecting", self.uri, error)
+            elif error != self.last_error:
+                log.warning("%s: %s, retrying", self.uri, error)
+            self.last_error = error
+
+
+class CameraSource(_LiveSource):
+    """A V4L2 camera; width/height/fps/fourcc from the config are requested at each open."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        # The V4L2 backend otherwise waits 10 s for a frame from a stalled camera; it reads
+        # this once per process, so the first camera's read_timeout_s wins.
+        os.environ.setdefault(
+            "OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", str(max(1, math.ceil(cfg.read_timeout_s)))
+        )
+        super().__init__(cfg)
+
+    def _open(self) -> cv2.VideoCapture:
+        path, cfg = self.cfg.uri, self.cfg
+        if not os.path.exists(path):
+            raise OSError("no such device")
+        cap = cv2.VideoCapture(path, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError("cannot open camera")
+        if cfg.fourcc:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*cfg.fourcc))
+        if cfg.width:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, cfg.width)
+        if cfg.height:
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, cfg.height)
+        if cfg.fps:
+            cap.set(cv2.CAP_PROP_FPS, cfg.fps)
+        return cap
+
+
+class StreamSource(_LiveSource):
+    """An RTSP or HTTP(S) MJPEG stream through FFmpeg, with open and read timeouts so that a
+    dead or hung server cannot block the reader."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", FFMPEG_CAPTURE_OPTIONS)
+        super().__init__(cfg)
+
+    def _open(self) -> cv2.VideoCapture:
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(self.cfg.open_timeout_s * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(self.cfg.read_timeout_s * 1000),
+        ]
+        cap = cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
+        if not cap.isOpened():
+            cap.release()
+            raise OSError("cannot open stream")
+        return cap
+
+
+def _redact(uri: str) -> str:
+    """The uri without its password, for logs and health reports."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':')[0]}:***@{host}"))

@@ -1,0 +1,124 @@
+"""Command line: `edge-agent run|check-config|models|demo|bench`; exit codes as in CONTRACT.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from edge_agent import __version__, config, models
+
+EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except config.ConfigError as e:
+        print(f"edge-agent: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except models.ModelError as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return EXIT_MODEL
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.set_defaults(func=_run)
+
+    check = sub.add_parser("check-config", help="validate a configuration and print it")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=_check_config)
+
+    m = sub.add_parser("models", help="fetch, verify or list the model files")
+    m.add_argument("action", choices=("fetch", "verify", "list"))
+    m.add_argument("--dir", help="models directory (default: models.dir from --config)")
+    m.add_argument("-c", "--config", help="take the directory and the needed models from here")
+    m.add_argument("--from", dest="mirror", help="a directory or URL holding the model files")
+    m.add_argument("--all", action="store_true", help="every model in the manifest")
+    m.set_defaults(func=_models)
+
+    demo = sub.add_parser("demo", help="run on a generated sample clip and print the events")
+    demo.add_argument("--source", help="a camera, stream or file instead of the sample clip")
+    demo.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
+    demo.add_argument("--people", type=int, default=6)
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="measure CPU per frame, fps and peak RSS")
+    bench.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
+    bench.add_argument("--clip", help="a video file instead of the generated scene")
+    bench.add_argument("--people", type=int, default=30)
+    bench.add_argument("--modes", default="decode,agent,naive")
+    bench.add_argument("--every-n", type=int, default=None)
+    bench.set_defaults(func=_bench)
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent import agent
+
+    cfg = config.load(args.config)
+    _setup_logging(cfg.log_level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return agent.run(cfg, stop)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    print(f"{args.config}: ok (device {cfg.device_id}, camera {cfg.camera}, "
+          f"source {cfg.source.uri}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+          f"topics {config.topic_base(cfg)}/...)")
+    return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> int:
+    """Without -c, the default pipeline's models (or every model with --all)."""
+    mdir = args.dir
+    names = None if args.all else models.required_models("yunet", True)
+    if args.config:
+        cfg = config.load(args.config)
+        mdir = mdir or cfg.models.dir
+        if not args.all:
+            names = models.required_models(cfg.detect.backend, cfg.classify.enabled)
+    if not mdir:
+        print("edge-agent models: give --dir DIR or -c FILE", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.action == "list":
+        for entry, state in models.status(mdir):
+            print(f"{entry.name:36} {entry.size:>10} {state:8} {entry.license}")
+        return EXIT_OK
+    if args.action == "fetch":
+        for name in models.fetch(mdir, names, args.mirror):
+            print(f"fetched {Path(mdir) / name}")
+    models.verify(mdir, names)
+    print(f"{mdir}: models ok")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from edge_agent import demo
+
+    _setup_logging("warning")
+    return demo.main(args.source, args.shared, args.people)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edge_agent import bench
+
+    return bench.main(args.shared, args.clip, args.people, args.modes.split(","), args.every_n)

@@ -1,0 +1,283 @@
+"""Typed configuration: YAML in, frozen dataclasses out, validated once.
+
+Each field may carry bounds in its metadata (``min``, ``max``, ``choices``); the loader checks
+types and bounds and raises :class:`ConfigError` naming the key path, e.g.
+``detect.every_n_frames: expected an integer >= 1, got 'five'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the key path."""
+
+
+def _opt(default: Any, **meta: Any) -> Any:
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    uri: str = ""
+    realtime: bool = True
+    loop: bool = False
+    width: int | None = _opt(None, min=16)
+    height: int | None = _opt(None, min=16)
+    fps: float | None = _opt(None, min=0.1)
+    fourcc: str | None = _opt(None, length=4)
+    open_timeout_s: float = _opt(5.0, min=0.1)
+    read_timeout_s: float = _opt(5.0, min=0.1)
+    reconnect_min_s: float = _opt(0.5, min=0.01)
+    reconnect_max_s: float = _opt(30.0, min=0.01)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    backend: str = _opt("yunet", choices=("yunet", "ultraface"))
+    every_n_frames: int = _opt(5, min=1)
+    width: int = _opt(320, min=64)
+    score_threshold: float = _opt(0.7, min=0.0, max=1.0)
+    nms_threshold: float = _opt(0.3, min=0.0, max=1.0)
+    min_face_px: int = _opt(20, min=1)
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    match_iou: float = _opt(0.2, min=0.0, max=1.0)
+    max_unseen_s: float = _opt(1.0, min=0.0)
+    confirm_hits: int = _opt(2, min=1)
+    optical_flow: bool = True
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    enabled: bool = True
+    samples: int = _opt(3, min=1, max=10)
+    window: int = _opt(8, min=1, max=50)
+    min_face_px: int = _opt(40, min=8)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: str = "/var/lib/edge-agent/models"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = _opt(1883, min=1, max=65535)
+    topic_prefix: str = "edge-agent"
+    client_id: str = ""
+    protocol: str = _opt("3.1.1", choices=("3.1.1", "5"))
+    keepalive_s: int = _opt(30, min=5)
+    username: str | None = None
+    password_file: str | None = None
+    state_interval_s: float = _opt(10.0, min=0.5)
+    drain_timeout_s: float = _opt(10.0, min=0.0)
+    max_inflight: int = _opt(20, min=1, max=1000)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = "/var/lib/edge-agent/spool.db"
+    max_events: int = _opt(100_000, min=10)
+    max_age_s: float = _opt(7 * 86400.0, min=60.0)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    ceiling_mb: float = _opt(200.0, min=32.0)
+    soft_fraction: float = _opt(0.85, min=0.1, max=1.0)
+    check_interval_s: float = _opt(1.0, min=0.05)
+
+
+@dataclass(frozen=True)
+class Config:
+    device_id: str = ""
+    camera: str = "default"
+    log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    source: SourceConfig = field(default_factory=SourceConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+_TOPIC_FORBIDDEN = set("#+\0")
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML file; relative paths in it resolve against the file's folder."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
+
+
+def from_dict(data: Any, base_dir: Path | None = None) -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"(top level): expected a mapping, got {_show(data)}")
+    cfg = _build(Config, data, "")
+    cfg = _apply_env(cfg)
+    _check_semantics(cfg)
+    return _resolve_paths(cfg, base_dir) if base_dir else cfg
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        path = f"{prefix}{name}"
+        hint = hints[name]
+        raw = data[name]
+        if dataclasses.is_dataclass(hint):
+            if raw is None:
+                raw = {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {_show(raw)}")
+            values[name] = _build(hint, raw, path + ".")
+        else:
+            values[name] = _convert(hint, raw, path, f.metadata)
+    return cls(**values)
+
+
+def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if raw is None:
+        if optional:
+            return None
+        raise ConfigError(f"{path}: expected {_describe(base, meta)}, got null")
+    ok = (
+        (base is bool and isinstance(raw, bool))
+        or (base is int and isinstance(raw, int) and not isinstance(raw, bool))
+        or (base is float and isinstance(raw, int | float) and not isinstance(raw, bool))
+        or (base is str and isinstance(raw, str))
+    )
+    value = float(raw) if ok and base is float else raw
+    if ok and "min" in meta and value < meta["min"]:
+        ok = False
+    if ok and "max" in meta and value > meta["max"]:
+        ok = False
+    if ok and "choices" in meta and value not in meta["choices"]:
+        ok = False
+    if ok and "length" in meta and len(value) != meta["length"]:
+        ok = False
+    if not ok:
+        raise ConfigError(f"{path}: expected {_describe(base, meta)}, got {_show(raw)}")
+    return value
+
+
+def _describe(base: Any, meta: typing.Mapping[str, Any]) -> str:
+    if "choices" in meta:
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    word = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
+    if "length" in meta:
+        word += f" of {meta['length']} characters"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        word += f" from {lo} to {hi}"
+    elif lo is not None:
+        word += f" >= {lo}"
+    elif hi is not None:
+        word += f" <= {hi}"
+    return word
+
+
+def _show(raw: Any) -> str:
+    if isinstance(raw, dict):
+        return "a mapping"
+    if isinstance(raw, list):
+        return "a list"
+    return repr(raw)
+
+
+def _apply_env(cfg: Config) -> Config:
+    """Let the environment override what fleets set per host or keep secret."""
+    mqtt = cfg.mqtt
+    env = os.environ
+    if env.get("EDGE_AGENT_MQTT_HOST"):
+        mqtt = dataclasses.replace(mqtt, host=env["EDGE_AGENT_MQTT_HOST"])
+    if env.get("EDGE_AGENT_MQTT_PORT"):
+        port = _convert(int, _int_or_str(env["EDGE_AGENT_MQTT_PORT"]), "EDGE_AGENT_MQTT_PORT",
+                        {"min": 1, "max": 65535})
+        mqtt = dataclasses.replace(mqtt, port=port)
+    if env.get("EDGE_AGENT_MQTT_USERNAME"):
+        mqtt = dataclasses.replace(mqtt, username=env["EDGE_AGENT_MQTT_USERNAME"])
+    device_id = env.get("EDGE_AGENT_DEVICE_ID") or cfg.device_id or socket.gethostname()
+    return dataclasses.replace(cfg, mqtt=mqtt, device_id=device_id)
+
+
+def _int_or_str(s: str) -> int | str:
+    try:
+        return int(s)
+    except ValueError:
+        return s
+
+
+def _check_semantics(cfg: Config) -> None:
+    if not cfg.source.uri:
+        raise ConfigError("source.uri: expected a device, stream URL or file path, got nothing")
+    for path, value in (("device_id", cfg.device_id), ("mqtt.topic_prefix", cfg.mqtt.topic_prefix),
+                        ("camera", cfg.camera)):
+        if not value or _TOPIC_FORBIDDEN & set(value):
+            raise ConfigError(f"{path}: expected a non-empty name without '#', '+', got {value!r}")
+    if cfg.source.reconnect_max_s < cfg.source.reconnect_min_s:
+        raise ConfigError(
+            f"source.reconnect_max_s: expected a number >= source.reconnect_min_s "
+            f"({cfg.source.reconnect_min_s}), got {cfg.source.reconnect_max_s}"
+        )
+    if cfg.classify.window < cfg.classify.samples:
+        raise ConfigError(
+            f"classify.window: expected an integer >= classify.samples ({cfg.classify.samples}), "
+            f"got {cfg.classify.window}"
+        )
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def rel(p: str | None) -> str | None:
+        return p if p is None or os.path.isabs(p) else str(base / p)
+
+    src = cfg.source
+    uri = src.uri
+    if "://" not in uri and not uri.startswith("/dev/"):
+        uri = rel(uri) or uri
+    return dataclasses.replace(
+        cfg,
+        source=dataclasses.replace(src, uri=uri),
+        models=dataclasses.replace(cfg.models, dir=rel(cfg.models.dir) or cfg.models.dir),
+        spool=dataclasses.replace(cfg.spool, path=rel(cfg.spool.path) or cfg.spool.path),
+        mqtt=dataclasses.replace(cfg.mqtt, password_file=rel(cfg.mqtt.password_file)),
+    )
+
+
+def topic_base(cfg: Config) -> str:
+    return f"{cfg.mqtt.topic_prefix}/{cfg.device_id}"

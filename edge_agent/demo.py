@@ -1,0 +1,111 @@
+"""`edge-agent demo`: the whole agent on a sample clip, against a local mosquitto, printing every
+event it publishes, then how they compare with the clip's ground truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from edge_agent import agent, config, scenario
+
+
+def shared_dir(given: str | None) -> Path:
+    """The folder with models/ and data/faces/ (MANIFEST.md's layout)."""
+    for cand in (given, os.environ.get("EDGE_AGENT_SHARED"), "../shared", "shared"):
+        if cand and (Path(cand) / "models").is_dir():
+            return Path(cand).resolve()
+    raise SystemExit("edge-agent demo: cannot find the shared folder; pass --shared DIR")
+
+
+def main(source: str | None, shared: str | None, people: int) -> int:
+    base = shared_dir(shared)
+    work = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
+    scn = None
+    if source is None:
+        scn = scenario.plan(base / "data" / "faces", people=people)
+        source = str(scenario.render(scn, base / "data" / "faces", work / "sample.mp4"))
+        print(f"sample clip: {source} ({scn.frames} frames, {len(scn.people)} people)")
+    port = _free_port()
+    broker = _start_mosquitto(work, port)
+    cfg = config.from_dict({
+        "device_id": "demo", "camera": "sample",
+        "source": {"uri": source, "realtime": True},
+        "models": {"dir": str(base / "models")},
+        "mqtt": {"port": port, "state_interval_s": 5},
+        "spool": {"path": str(work / "spool.db")},
+    })
+    events: list[dict] = []
+    sub = _subscribe(port, config.topic_base(cfg), events)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        code = agent.run(cfg, stop)
+        time.sleep(0.3)
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+        broker.terminate()
+        broker.wait(5)
+    if scn is not None:
+        print("\nagainst the ground truth: " + scenario.evaluate(scn, events).summary())
+        for p in scn.people:
+            print(f"  walked through: {p.gender:6} age {p.age}")
+    shutil.rmtree(work, ignore_errors=True)
+    return code
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_mosquitto(work: Path, port: int) -> subprocess.Popen[bytes]:
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise SystemExit("edge-agent demo: mosquitto is not installed (make system-deps)")
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("edge-agent demo: mosquitto did not start")
+
+
+def _subscribe(port: int, base: str, sink: list[dict]) -> mqtt.Client:
+    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        text = msg.payload.decode()
+        if msg.topic.endswith("/events"):
+            sink.append(json.loads(text))
+            print(f"{msg.topic} {text}", flush=True)
+        elif msg.topic.endswith("/status"):
+            print(f"{msg.topic} {text}", flush=True)
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-agent-demo-viewer")
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.subscribe(f"{base}/#", qos=1)
+    client.loop_start()
+    return client
+
+
+if __name__ == "__main__":
+    sys.exit(main(None, None, 6))

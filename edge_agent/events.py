@@ -1,0 +1,108 @@
+"""Face events (CONTRACT.md): `new` once per confirmed and classified track, `update` when its
+gender or age bucket changes, `end` once when it is lost or the stream ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.capture import Frame
+from edge_agent.classify import Attributes, TrackAttributes
+from edge_agent.track import Track
+
+
+@dataclass(slots=True)
+class Face:
+    """What the event stream remembers of one track."""
+
+    votes: TrackAttributes
+    announced: bool = False
+    published: tuple[str | None, str | None] = (None, None)  # gender, age bucket last sent
+    since_confirm: int = 0  # detector matches after confirmation, to bound the wait for chips
+    last: dict[str, Any] = field(default_factory=dict)  # frame facts of the last sighting
+
+
+class EventBuilder:
+    """Decides when a track deserves an event and builds its payload (without `seq`, which the
+    spool assigns)."""
+
+    def __init__(self, device: str, camera: str, run_id: str, samples: int, window: int,
+                 classify: bool, max_wait: int = 2) -> None:
+        self.device = device
+        self.camera = camera
+        self.run_id = run_id
+        self.samples = samples
+        self.window = window
+        self.classify = classify
+        self.min_samples = min(2, samples)
+        self.max_wait = max_wait
+        self.faces: dict[int, Face] = {}
+
+    def face(self, track: Track) -> Face:
+        f = self.faces.get(track.id)
+        if f is None:
+            f = self.faces[track.id] = Face(TrackAttributes(self.samples, self.window))
+        return f
+
+    def seen(self, track: Track, frame: Frame, changed: bool) -> dict[str, Any] | None:
+        """Call once per frame for each confirmed track; `changed` says a chip was added."""
+        face = self.face(track)
+        if track.detection is not None:
+            face.last = {"ts": frame.ts, "frame": frame.index, "box": track.detection.box,
+                         "size": frame.image.shape[1::-1]}
+        if not face.announced:
+            if track.detection is not None:
+                face.since_confirm += 1
+            attrs = face.votes.result()
+            ready = (not self.classify or (attrs is not None and attrs.samples >= self.min_samples)
+                     or face.since_confirm > self.max_wait)
+            return self._emit("new", track, face, attrs) if ready else None
+        if changed:
+            attrs = face.votes.result()
+            if attrs is not None and (attrs.gender, attrs.age_bucket) != face.published:
+                return self._emit("update", track, face, attrs)
+        return None
+
+    def ended(self, track: Track) -> list[dict[str, Any]]:
+        """`end` for a confirmed track, preceded by its `new` if it never got one."""
+        face = self.face(track)
+        del self.faces[track.id]
+        out = []
+        attrs = face.votes.result()
+        if not face.announced:
+            out.append(self._emit("new", track, face, attrs))
+        out.append(self._emit("end", track, face, attrs))
+        return out
+
+    def forget_missing(self, live: set[int]) -> None:
+        """Drop state of tracks that died tentative, so nothing accumulates."""
+        for tid in [t for t in self.faces if t not in live]:
+            del self.faces[tid]
+
+    def track_id(self, track: Track) -> str:
+        return f"{self.run_id}-{track.id}"
+
+    def _emit(self, kind: str, track: Track, face: Face, attrs: Attributes | None
+              ) -> dict[str, Any]:
+        face.announced = True
+        if attrs is not None:
+            face.published = (attrs.gender, attrs.age_bucket)
+        last = face.last
+        x, y, w, h = last["box"]
+        return {
+            "type": kind,
+            "track_id": self.track_id(track),
+            "device": self.device,
+            "camera": self.camera,
+            "ts": round(last["ts"], 3),
+            "frame": last["frame"],
+            "frame_size": list(last["size"]),
+            "box": [round(x), round(y), round(w), round(h)],
+            "first_frame": track.first_frame,
+            "last_frame": track.last_frame,
+            "gender": attrs.gender if attrs else None,
+            "gender_score": round(attrs.gender_score, 3) if attrs else 0.0,
+            "age": round(attrs.age, 1) if attrs and attrs.age is not None else None,
+            "age_bucket": attrs.age_bucket if attrs else None,
+            "det_score": round(track.det_score, 3),
+        }

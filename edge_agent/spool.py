@@ -1,0 +1,142 @@
+"""Store-and-forward queue for events: SQLite, one file, survives crashes and power cuts.
+
+Every event is written here before it is sent, and deleted only when the broker has
+acknowledged it, so a broker outage or a restart loses nothing (up to the bounds).
+
+Durability: WAL with ``synchronous=FULL`` for appends, ``NORMAL`` for acks. An append assigns
+``seq``; under NORMAL a power cut can undo the last commits after their events already reached
+the broker, and the next start would hand out those ``seq`` again, which consumers then drop as
+repeats. FULL syncs the WAL on each commit so a ``seq`` once returned is never reused. A lost
+ack only causes a resend (delivery is at least once anyway), so acks skip the sync: they run
+on the MQTT thread, and backlog draining is ack-bound. Measured per call on this host (ext4
+on SSD): append FULL ~80 us vs NORMAL ~25 us, ack NORMAL ~15 us. A Pi's SD card pays more per
+sync (about 1-10 ms), still small against face events (a few per second at most).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import ConfigError, SpoolConfig
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY, created REAL NOT NULL, payload TEXT NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0);
+"""
+
+
+class SpoolError(ConfigError):
+    """The spool file cannot be used; a ConfigError so the CLI reports ``spool.path``."""
+
+
+class Spool:
+    """Durable FIFO of compact JSON events keyed by ``seq``; safe to share between threads."""
+
+    def __init__(self, cfg: SpoolConfig) -> None:
+        self._cfg = cfg
+        self._lock = threading.Lock()
+        self._warned_full = False
+        path = Path(cfg.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise SpoolError(f"spool.path: cannot open {path}: {e}") from None
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                log.warning("spool %s: journal_mode is %s, not wal", path, mode)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA journal_size_limit={4 << 20}")
+            self._db.executescript(_SCHEMA)
+            self._depth: int = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
+        except sqlite3.Error as e:
+            self._db.close()
+            raise SpoolError(f"spool.path: cannot use {path}: {e}") from None
+
+    @contextmanager
+    def _tx(self, sync: str = "FULL") -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute(f"PRAGMA synchronous={sync}")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def append(self, event: dict[str, Any]) -> int:
+        """Store `event` with the next ``seq`` (inserted into it) and return that ``seq``.
+
+        Raises ValueError for NaN/infinite numbers: they are not JSON and would break consumers.
+        """
+        with self._tx() as db:
+            seq = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0] + 1
+            payload = json.dumps({**event, "seq": seq}, separators=(",", ":"), allow_nan=False)
+            now = time.time()
+            db.execute("INSERT INTO events VALUES (?, ?, ?)", (seq, now, payload))
+            db.execute("UPDATE meta SET value=? WHERE key='last_seq'", (seq,))
+            dropped = self._trim(db, now, self._depth + 1)
+            self._depth += 1 - dropped
+        return seq
+
+    def _trim(self, db: sqlite3.Connection, now: float, depth: int) -> int:
+        """Drop what is over the age or count bound, oldest first; return how many."""
+        dropped = 0
+        cutoff = now - self._cfg.max_age_s
+        oldest = db.execute("SELECT created FROM events ORDER BY seq LIMIT 1").fetchone()
+        if oldest and oldest[0] < cutoff:
+            dropped += db.execute("DELETE FROM events WHERE created < ?", (cutoff,)).rowcount
+        over = depth - dropped - self._cfg.max_events
+        if over > 0:
+            dropped += db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
+                (over,)).rowcount
+        if dropped:
+            db.execute("UPDATE meta SET value=value+? WHERE key='dropped'", (dropped,))
+            if not self._warned_full:
+                self._warned_full = True
+                log.warning("spool %s over its bounds: dropping the oldest events", self._cfg.path)
+        return dropped
+
+    def pending(self, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` stored events with ``seq > after_seq``, oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT seq, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit)).fetchall()
+
+    def ack(self, seq: int) -> None:
+        """Forget a delivered event; unknown or already acked ``seq`` is a no-op."""
+        with self._tx("NORMAL") as db:
+            self._depth -= db.execute("DELETE FROM events WHERE seq=?", (seq,)).rowcount
+
+    def depth(self) -> int:
+        return self._depth
+
+    def dropped(self) -> int:
+        """Events dropped over the bounds since the spool was created."""
+        with self._lock:
+            return self._db.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0]
+
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

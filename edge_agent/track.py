@@ -1,0 +1,311 @@
+"""Multi-face tracking between detector runs.
+
+Each face has a constant-velocity Kalman filter over (cx, cy, w, h) and their rates, with time in
+seconds from ``Frame.ts`` so that live sources that drop frames still predict the right distance.
+It is predicted every frame, corrected by the detection matched to it (optimal assignment on IoU,
+gated by centre distance) and, between detections, by sparse optical flow inside its box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from edge_agent.capture import Frame
+from edge_agent.config import TrackConfig
+from edge_agent.detect import Detection
+
+Box = tuple[float, float, float, float]
+
+# Noise as fractions of the face height (rates per second): a near face moves more pixels.
+_DET_STD = (0.04, 0.04, 0.06, 0.06)  # detector box jitter in cx, cy, w, h
+_FLOW_STD = (0.03, 0.03, 0.06, 0.06)
+_ACCEL_STD = (4.0, 4.0, 1.0, 1.0)  # how fast heads change speed, per s^2
+_VEL0_STD = (1.5, 1.5, 0.3, 0.3)  # a new face's unknown speed, per s
+
+_GATE_MAHA2 = 9.21  # chi-square, 2 dof, 99%: a low-IoU match must be where the filter expects it
+_GATE_DIST = 1.0  # ... and within one face size, however unsure the filter is
+_MAX_DT = 1.0  # a longer gap (reconnect) would fling boxes; tracks end on max_unseen_s anyway
+_INVALID = 1e6
+
+_FLOW_WIDTH = 320  # flow runs on a grey copy this wide: faces stay >= ~10 px, pyramids stay cheap
+_FLOW_GRID = 5  # 5x5 points ...
+_FLOW_SPAN = 0.6  # ... over the central part of the box, where the face is rather than background
+_FLOW_FB_PX = 1.0  # forward-backward error allowed, in flow pixels
+_FLOW_MIN_PTS = 6
+_LK = {
+    "winSize": (15, 15),
+    "maxLevel": 2,
+    "criteria": (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 10, 0.03),
+}
+
+
+def _new_kf() -> cv2.KalmanFilter:
+    kf = cv2.KalmanFilter(8, 4)
+    kf.measurementMatrix = np.eye(4, 8, dtype=np.float32)
+    return kf
+
+
+@dataclass(slots=True, eq=False)
+class Track:
+    id: int  # local counter, unique within this Tracker
+    box: tuple[float, float, float, float]  # current estimate x, y, w, h (frame pixels)
+    first_frame: int
+    last_frame: int  # last frame with a measurement (detection or optical flow)
+    last_seen_ts: float
+    hits: int  # detections matched so far
+    confirmed: bool
+    det_score: float  # score of the last matched detection
+    detection: Detection | None  # the detection matched in the current frame, else None
+    last_det_ts: float = 0.0  # ends the track: flow alone must not keep a lost face alive
+    kf: cv2.KalmanFilter = field(default_factory=_new_kf, repr=False)
+
+
+class Tracker:
+    """Keeps face identities between detector runs and across short misses."""
+
+    def __init__(self, cfg: TrackConfig) -> None:
+        self._cfg = cfg
+        self._live: list[Track] = []
+        self._next_id = 1
+        self._ts: float | None = None
+        self._dt = 0.0
+        self._f = np.eye(8, dtype=np.float32)
+        self._q = np.zeros((8, 8), np.float32)
+        self._r_det = np.diag(np.square(_DET_STD)).astype(np.float32)
+        self._r_flow = np.diag(np.square(_FLOW_STD)).astype(np.float32)
+        self._p0 = np.diag(np.square(_DET_STD + _VEL0_STD)).astype(np.float32)
+        self._flow = _Flow() if cfg.optical_flow else None
+
+    @property
+    def tracks(self) -> list[Track]:
+        """Live tracks, tentative and confirmed."""
+        return list(self._live)
+
+    def update(self, frame: Frame, detections: list[Detection] | None) -> list[Track]:
+        """Advance one frame (`detections` is None on frames the detector skipped).
+        Returns the confirmed tracks that ended in this step."""
+        self._advance(frame.ts)
+        for t in self._live:
+            t.detection = None
+            self._predict(t)
+        new: list[Detection] = []
+        if detections is not None:
+            new = self._associate(detections, frame)
+            if any(not t.confirmed and t.detection is None for t in self._live):
+                self._live = [t for t in self._live if t.confirmed or t.detection is not None]
+        if self._flow is not None and (self._live or new):
+            self._flow.next_frame(frame.image)
+            self._apply_flow(frame)
+        limit = frame.ts - self._cfg.max_unseen_s
+        ended = [t for t in self._live if t.last_det_ts < limit]
+        if ended:
+            self._live = [t for t in self._live if t.last_det_ts >= limit]
+        for t in self._live:
+            cx, cy, w, h = t.kf.statePost[:4, 0].tolist()
+            t.box = (cx - w / 2, cy - h / 2, w, h)
+        for d in new:
+            self._live.append(self._birth(d, frame))
+        return [t for t in ended if t.confirmed]
+
+    def flush(self) -> list[Track]:
+        """End every confirmed track (the stream ended); returns them."""
+        ended = [t for t in self._live if t.confirmed]
+        self._live = []
+        return ended
+
+    def _advance(self, ts: float) -> None:
+        """Rebuild the motion model only when the frame interval changes."""
+        dt = self._dt if self._ts is None else ts - self._ts
+        self._ts = ts
+        dt = min(dt, _MAX_DT) if dt > 0 else self._dt or 0.04
+        if abs(dt - self._dt) < 5e-4:
+            return
+        self._dt = dt
+        self._f = np.eye(8, dtype=np.float32)
+        self._f[range(4), range(4, 8)] = dt
+        q = np.zeros((8, 8), np.float32)
+        for i, a in enumerate(_ACCEL_STD):
+            var = a * a
+            q[i, i], q[i + 4, i + 4] = var * dt**4 / 4, var * dt * dt
+            q[i, i + 4] = q[i + 4, i] = var * dt**3 / 2
+        self._q = q
+
+    def _predict(self, t: Track) -> None:
+        kf = t.kf
+        h = max(float(kf.statePost[3, 0]), 1.0)
+        kf.transitionMatrix = self._f
+        kf.processNoiseCov = self._q * (h * h)
+        kf.predict()
+
+    @staticmethod
+    def _correct(t: Track, z: Box, r: np.ndarray) -> None:
+        """`z` is cx, cy, w, h."""
+        h = max(z[3], 1.0)
+        t.kf.measurementNoiseCov = r * (h * h)
+        t.kf.correct(np.array(z, np.float32).reshape(4, 1))
+
+    def _birth(self, d: Detection, frame: Frame) -> Track:
+        x, y, w, h = d.box
+        t = Track(self._next_id, d.box, frame.index, frame.index, frame.ts, 1,
+                  self._cfg.confirm_hits <= 1, d.score, d, frame.ts)
+        self._next_id += 1
+        state = np.array([x + w / 2, y + h / 2, w, h, 0, 0, 0, 0], np.float32)
+        t.kf.statePost = state.reshape(8, 1)
+        t.kf.errorCovPost = self._p0 * max(h * h, 1.0)
+        return t
+
+    def _associate(self, dets: list[Detection], frame: Frame) -> list[Detection]:
+        """Corrects tracks with their optimally assigned detections; returns the unmatched ones."""
+        live = self._live
+        if not live or not dets:
+            return list(dets)
+        pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
+        pvar = np.array([t.kf.errorCovPre.diagonal()[:2] for t in live], np.float64)
+        db = np.array([d.box for d in dets], np.float64)
+        tc, tsz = pred[:, :2], pred[:, 2:]
+        dc = db[:, :2] + db[:, 2:] / 2
+        iou = _iou(np.hstack([tc - tsz / 2, tsz]), db)
+        d2 = (tc[:, None] - dc[None]) ** 2
+        s = pvar + (np.array(_DET_STD[:2]) * tsz[:, 1:2]) ** 2
+        maha2 = (d2 / s[:, None]).sum(2)
+        dist = np.sqrt(d2.sum(2)) / tsz.mean(1)[:, None]
+        area = np.sqrt(np.prod(db[:, 2:], 1)[None] / np.prod(tsz, 1)[:, None])
+        valid = (area > 0.5) & (area < 2) & (
+            (iou >= self._cfg.match_iou) | ((dist <= _GATE_DIST) & (maha2 <= _GATE_MAHA2))
+        )
+        cost = np.where(valid, 1 - iou + dist, _INVALID)
+        taken = [False] * len(dets)
+        for i, j in _hungarian(cost.tolist()):
+            if not valid[i, j]:
+                continue
+            t, d = live[i], dets[j]
+            taken[j] = True
+            x, y, w, h = d.box
+            self._correct(t, (x + w / 2, y + h / 2, w, h), self._r_det)
+            t.detection, t.det_score = d, d.score
+            t.hits += 1
+            t.confirmed = t.confirmed or t.hits >= self._cfg.confirm_hits
+            t.last_frame, t.last_seen_ts = frame.index, frame.ts
+            t.last_det_ts = frame.ts
+        return [d for d, k in zip(dets, taken, strict=True) if not k]
+
+    def _apply_flow(self, frame: Frame) -> None:
+        """Corrects unmatched tracks by flow, except where faces overlap and flow cannot tell
+        which face the points belong to."""
+        assert self._flow is not None
+        todo = [t for t in self._live if t.detection is None]
+        if len(self._live) > 1 and todo:
+            boxes = np.array([t.box for t in self._live])
+            overlap = _iou(boxes, boxes)
+            np.fill_diagonal(overlap, 0)
+            todo = [t for t, o in zip(self._live, overlap.max(1), strict=True)
+                    if o <= 0 and t.detection is None]
+        if not todo:
+            return
+        for t, z in zip(todo, self._flow.measure([t.box for t in todo]), strict=True):
+            if z is not None:
+                self._correct(t, z, self._r_flow)
+                t.last_frame, t.last_seen_ts = frame.index, frame.ts
+
+
+class _Flow:
+    """Median Flow: Lucas-Kanade on a grid inside each box, forward-backward checked, with the
+    median displacement and the median change of point spacing as the box motion."""
+
+    def __init__(self) -> None:
+        self._prev: np.ndarray | None = None
+        self._cur: np.ndarray | None = None
+        self._small: np.ndarray | None = None
+        self._scale = 1.0
+        g = np.linspace(-_FLOW_SPAN / 2, _FLOW_SPAN / 2, _FLOW_GRID, dtype=np.float32)
+        self._grid = np.stack(np.meshgrid(g, g), -1).reshape(1, -1, 2)
+        self._pairs = np.triu_indices(_FLOW_GRID * _FLOW_GRID, 1)
+
+    def next_frame(self, image: np.ndarray) -> None:
+        """Grey, downscaled copy of the frame, into reused buffers."""
+        h, w = image.shape[:2]
+        self._scale = s = min(1.0, _FLOW_WIDTH / w)
+        if s < 1:
+            size = (round(w * s), round(h * s))
+            image = self._small = cv2.resize(image, size, dst=self._small,
+                                             interpolation=cv2.INTER_AREA)
+        self._prev, self._cur = self._cur, self._prev
+        self._cur = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY, dst=self._cur)
+
+    def measure(self, boxes: list[Box]) -> list[Box | None]:
+        """Each box moved from the previous frame to this one, as cx, cy, w, h; None where the
+        points disagree or got lost."""
+        prev, cur, s = self._prev, self._cur, self._scale
+        if prev is None or cur is None or prev.shape != cur.shape:
+            return [None] * len(boxes)
+        b = np.array(boxes, np.float32) * s
+        c = b[:, None, :2] + b[:, None, 2:] / 2
+        p0 = (c + self._grid * b[:, None, 2:]).reshape(-1, 1, 2)
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **_LK)
+        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **_LK)
+        fb = np.abs(back - p0).max(2)[:, 0]
+        good = ((st1[:, 0] & st2[:, 0]) > 0) & (fb < _FLOW_FB_PX)
+        n = self._grid.shape[1]
+        good = good.reshape(-1, n)
+        p0, p1 = p0.reshape(-1, n, 2), p1.reshape(-1, n, 2)
+        out: list[Box | None] = []
+        i0, i1 = self._pairs
+        for k, (x, y, w, h) in enumerate(boxes):
+            g = good[k]
+            if g.sum() < _FLOW_MIN_PTS:
+                out.append(None)
+                continue
+            dx, dy = (np.median(p1[k, g] - p0[k, g], 0) / s).tolist()
+            ok = g[i0] & g[i1]
+            d0 = np.linalg.norm(p0[k, i0[ok]] - p0[k, i1[ok]], axis=1)
+            d1 = np.linalg.norm(p1[k, i0[ok]] - p1[k, i1[ok]], axis=1)
+            z = float(np.median(d1 / d0))
+            out.append((x + w / 2 + dx, y + h / 2 + dy, w * z, h * z))
+        return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of x, y, w, h boxes, shape (len(a), len(b))."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), 2)
+    union = np.prod(a[:, 2:], 1)[:, None] + np.prod(b[:, 2:], 1)[None] - inter
+    return inter / np.maximum(union, 1e-9)
+
+
+def _hungarian(cost: list[list[float]]) -> list[tuple[int, int]]:
+    """Minimum-cost assignment (Kuhn-Munkres, O(n^2 m)); pairs (row, column)."""
+    n, m = len(cost), len(cost[0])
+    if n > m:
+        return [(i, j) for j, i in _hungarian([list(c) for c in zip(*cost, strict=True)])]
+    inf = float("inf")
+    u, v = [0.0] * (n + 1), [0.0] * (m + 1)
+    p, way = [0] * (m + 1), [0] * (m + 1)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv, used = [inf] * (m + 1), [False] * (m + 1)
+        while p[j0]:
+            used[j0] = True
+            i0, delta, j1 = p[j0], inf, 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    c = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if c < minv[j]:
+                        minv[j], way[j] = c, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(m + 1):
+                if used[j]:
+                    u[p[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    return [(p[j] - 1, j - 1) for j in range(1, m + 1) if p[j]]

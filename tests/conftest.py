@@ -1,0 +1,87 @@
+"""Shared test fixtures: where the shared models and data live, and a real mosquitto."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared")).resolve()
+MODELS = SHARED / "models"
+FACES = SHARED / "data" / "faces"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    if not (MODELS / "face_detection_yunet_2023mar.onnx").exists():
+        pytest.fail(f"shared models not found in {MODELS} (set EDGE_AGENT_SHARED)")
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    if not (FACES / "labels.csv").exists():
+        pytest.fail(f"shared face data not found in {FACES} (set EDGE_AGENT_SHARED)")
+    return FACES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Broker:
+    """A mosquitto on a loopback port that a test can stop and start again."""
+
+    port: int
+    workdir: Path
+    extra_conf: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence false\nlog_dest file {self.workdir / 'mosquitto.log'}\n"
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + self.extra_conf
+        )
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)])
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    if not shutil.which("mosquitto"):
+        pytest.fail("mosquitto is not installed (run .ci/run or apt-get install mosquitto)")
+    b = Broker(port=free_port(), workdir=tmp_path)
+    b.start()
+    yield b
+    b.stop()

@@ -1,0 +1,150 @@
+"""End to end: a generated clip with exact ground truth goes through `edge-agent run` against a
+real mosquitto; a subscriber checks what dashboards would see."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from conftest import Broker
+
+from edge_agent import scenario
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory: pytest.TempPathFactory, faces_dir: Path) -> tuple[Path,
+                                                                             scenario.Scenario]:
+    """Six adults, two or three on screen at once, one pair crossing with overlapping faces."""
+    scn = scenario.plan(faces_dir, people=6, seed=7)
+    clip = tmp_path_factory.mktemp("scene") / "scene.mp4"
+    return scenario.render(scn, faces_dir, clip), scn
+
+
+class Recorder:
+    """Subscribes to everything under the device's topics and keeps it."""
+
+    def __init__(self, port: int, base: str) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.retained: dict[str, str] = {}
+        self.status: list[str] = []
+        self.got = threading.Condition()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-recorder")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(f"{base}/#", qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        text = msg.payload.decode()
+        with self.got:
+            if msg.topic.endswith("/events"):
+                self.events.append(json.loads(text))
+            elif msg.topic.endswith("/status"):
+                self.status.append(text)
+            if msg.retain or not msg.topic.endswith("/events"):
+                self.retained[msg.topic.rsplit("/", 1)[1]] = text
+            self.got.notify_all()
+
+    def wait_for(self, pred: Any, timeout: float) -> bool:
+        with self.got:
+            return self.got.wait_for(pred, timeout)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def agent_config(tmp_path: Path, models_dir: Path, port: int, uri: str, **source: Any) -> Path:
+    cfg = {
+        "device_id": "test-pi",
+        "camera": "hall",
+        "source": {"uri": uri, **source},
+        "models": {"dir": str(models_dir)},
+        "mqtt": {"port": port, "state_interval_s": 1},
+        "spool": {"path": str(tmp_path / "spool.db")},
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_agent(cfg: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_clip_through_agent_to_broker(tmp_path: Path, scene: tuple[Path, scenario.Scenario],
+                                      broker: Broker, models_dir: Path) -> None:
+    clip, scn = scene
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    try:
+        r = run_agent(agent_config(tmp_path, models_dir, broker.port, str(clip), realtime=False))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert rec.wait_for(lambda: rec.status[-1:] == ["offline"], 5), rec.status
+    finally:
+        rec.close()
+    events = rec.events
+    score = scenario.evaluate(scn, events)
+    detail = score.summary() + "\n" + "\n".join(json.dumps(e) for e in events)
+
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), detail
+    assert score.events_ok, detail  # exactly one new and one end per track, new first
+    assert score.found == len(scn.people), detail
+    assert score.duplicates == 0 and score.false_tracks == 0, detail
+    assert score.tracks == len(scn.people), detail
+    assert score.gender_correct >= len(scn.people) - 1, detail
+    assert score.age_mae <= 12.0, detail
+    assert max(score.latencies) <= 15, detail
+
+    for e in events:
+        assert e["device"] == "test-pi" and e["camera"] == "hall"
+        assert e["frame_size"] == [scn.width, scn.height]
+        assert e["first_frame"] <= e["frame"] <= scn.frames - 1
+        assert e["first_frame"] <= e["last_frame"]
+        assert 0.0 <= e["gender_score"] <= 1.0 and 0.0 < e["det_score"] <= 1.0
+        if e["type"] == "new":
+            assert e["gender"] in ("male", "female") and e["age_bucket"], e
+    assert len({e["track_id"] for e in events}) == len(scn.people)
+    assert rec.retained["status"] == "offline"
+    state = json.loads(rec.retained["state"])
+    assert state["frames"] == scn.frames and state["spool_depth"] == 0
+    assert state["rss_mb"] > 0 and "fps" in state and "reconnects" in state
+
+
+def test_restart_continues_seq_and_track_ids(tmp_path: Path,
+                                             scene: tuple[Path, scenario.Scenario],
+                                             broker: Broker, models_dir: Path) -> None:
+    clip, _ = scene
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(clip), realtime=False)
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    try:
+        assert run_agent(cfg).returncode == 0
+        first = len(rec.events)
+        assert run_agent(cfg).returncode == 0
+        assert rec.wait_for(lambda: len(rec.events) == 2 * first, 5)
+    finally:
+        rec.close()
+    assert [e["seq"] for e in rec.events] == list(range(1, 2 * first + 1))
+    ids = [e["track_id"] for e in rec.events if e["type"] == "new"]
+    assert len(set(ids)) == len(ids)
+
+
+def test_missing_model_exits_3(tmp_path: Path, broker: Broker, scene: tuple[Path, Any]) -> None:
+    r = run_agent(agent_config(tmp_path, tmp_path / "empty", broker.port, str(scene[0])), 60)
+    assert r.returncode == 3
+    assert "face_detection_yunet_2023mar.onnx" in r.stderr
+
+
+def test_missing_clip_exits_2(tmp_path: Path, broker: Broker, models_dir: Path) -> None:
+    r = run_agent(agent_config(tmp_path, models_dir, broker.port, str(tmp_path / "nope.mp4")), 60)
+    assert r.returncode == 2
+    assert "source.uri" in r.stderr and "nope.mp4" in r.stderr

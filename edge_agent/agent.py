@@ -106,9 +106,8 @@ def run(cfg: Config, stop: threading.Event | None = None) -> int:
         spool = Spool(cfg.spool)
         cleanup.callback(spool.close)
         publisher = Publisher(cfg.mqtt, topic_base(cfg), spool)
-        pipe = Pipeline(cfg, publisher.publish_event)
-        publisher.start()
         cleanup.callback(publisher.stop)
+        pipe = Pipeline(cfg, publisher.publish_event)
         return _loop(cfg, stop, source, pipe, publisher, spool)
 
 

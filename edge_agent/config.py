@@ -86,6 +86,8 @@ class MqttConfig:
     state_interval_s: float = _opt(10.0, min=0.5)
     drain_timeout_s: float = _opt(10.0, min=0.0)
     max_inflight: int = _opt(20, min=1, max=1000)
+    reconnect_min_s: float = _opt(0.5, min=0.1)
+    reconnect_max_s: float = _opt(30.0, min=0.1)
 
 
 @dataclass(frozen=True)

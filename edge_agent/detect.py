@@ -45,9 +45,10 @@ def _downscale(
 class YuNetDetector:
     """YuNet 2023mar via cv2.FaceDetectorYN on a `width`-px copy of the frame, with landmarks.
 
-    INTER_AREA by default: at 320 px it keeps all 51 crowd faces of ulfd_1 (LINEAR: 50), box IoU
-    and video hit rates are the same, and 640->320 costs the same 0.06 ms. From 1080p it costs
-    1.7 ms against LINEAR's 0.26 ms (x86), so pass cv2.INTER_LINEAR for large frames on a Pi.
+    INTER_AREA by default: at 320 px it finds 51 crowd faces in ulfd_1 before the size filter
+    (LINEAR: 50), box IoU and video hit rates are the same, and 640->320 costs the same 0.06 ms.
+    From 1080p it costs 1.7 ms against LINEAR's 0.26 ms (x86): pass cv2.INTER_LINEAR for large
+    frames on a Pi.
     """
 
     def __init__(

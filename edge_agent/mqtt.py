@@ -78,8 +78,7 @@ class Publisher:
         )
         c.max_inflight_messages_set(self._window)
         c.max_queued_messages_set(self._queue_max)
-        c.reconnect_delay_set(
-            getattr(cfg, "reconnect_min_s", 0.5), getattr(cfg, "reconnect_max_s", 30.0))  # type: ignore[arg-type]
+        c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         c.will_set(self._t_status, "offline", qos=1, retain=True)
         password = _password(cfg)
         if cfg.username:

@@ -21,22 +21,23 @@ Box = tuple[float, float, float, float]
 
 # Noise as fractions of the face height (rates per second): a near face moves more pixels.
 _DET_STD = (0.04, 0.04, 0.06, 0.06)  # detector box jitter in cx, cy, w, h
-_FLOW_STD = (0.03, 0.03, 0.06, 0.06)
-_ACCEL_STD = (4.0, 4.0, 1.0, 1.0)  # how fast heads change speed, per s^2
+_FLOW_STD = (0.03, 0.03, 1.0, 1.0)  # flow measures the shift only: its size is the prediction's
+_ACCEL_STD = (32.0, 32.0, 1.0, 1.0)  # how fast heads change speed, per s^2
 _VEL0_STD = (1.5, 1.5, 0.3, 0.3)  # a new face's unknown speed, per s
 
-_GATE_MAHA2 = 9.21  # chi-square, 2 dof, 99%: a low-IoU match must be where the filter expects it
-_GATE_DIST = 1.0  # ... and within one face size, however unsure the filter is
+_GATE_DIST = 1.0  # a centre this close (in face sizes) matches even at low IoU: motion changes
 _MAX_DT = 1.0  # a longer gap (reconnect) would fling boxes; tracks end on max_unseen_s anyway
+_DEFAULT_DT = 0.04  # until two frames with distinct timestamps give the interval
+_MIN_PX = 2.0  # smallest box side: a shrinking prediction must not turn inside out
 _INVALID = 1e6
 
 _FLOW_WIDTH = 320  # flow runs on a grey copy this wide: faces stay >= ~10 px, pyramids stay cheap
-_FLOW_GRID = 5  # 5x5 points ...
+_FLOW_GRID = 4  # 4x4 points ...
 _FLOW_SPAN = 0.6  # ... over the central part of the box, where the face is rather than background
 _FLOW_FB_PX = 1.0  # forward-backward error allowed, in flow pixels
 _FLOW_MIN_PTS = 6
 _LK = {
-    "winSize": (15, 15),
+    "winSize": (11, 11),
     "maxLevel": 2,
     "criteria": (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 10, 0.03),
 }
@@ -94,21 +95,25 @@ class Tracker:
         new: list[Detection] = []
         if detections is not None:
             new = self._associate(detections, frame)
-            if any(not t.confirmed and t.detection is None for t in self._live):
-                self._live = [t for t in self._live if t.confirmed or t.detection is not None]
+        limit = frame.ts - self._cfg.max_unseen_s
+        gone = [t for t in self._live if t.last_det_ts < limit
+                or (detections is not None and not t.confirmed and t.detection is None)]
+        if gone:
+            self._live = [t for t in self._live if t not in gone]
         if self._flow is not None and (self._live or new):
             self._flow.next_frame(frame.image)
             self._apply_flow(frame)
-        limit = frame.ts - self._cfg.max_unseen_s
-        ended = [t for t in self._live if t.last_det_ts < limit]
-        if ended:
-            self._live = [t for t in self._live if t.last_det_ts >= limit]
         for t in self._live:
-            cx, cy, w, h = t.kf.statePost[:4, 0].tolist()
+            state = t.kf.statePost
+            cx, cy, w, h = state[:4, 0].tolist()
+            if min(w, h) < _MIN_PX:
+                w, h = max(w, _MIN_PX), max(h, _MIN_PX)
+                state[2:4, 0], state[6:, 0] = (w, h), 0
+                t.kf.statePost = state
             t.box = (cx - w / 2, cy - h / 2, w, h)
         for d in new:
             self._live.append(self._birth(d, frame))
-        return [t for t in ended if t.confirmed]
+        return [t for t in gone if t.confirmed]
 
     def flush(self) -> list[Track]:
         """End every confirmed track (the stream ended); returns them."""
@@ -120,7 +125,7 @@ class Tracker:
         """Rebuild the motion model only when the frame interval changes."""
         dt = self._dt if self._ts is None else ts - self._ts
         self._ts = ts
-        dt = min(dt, _MAX_DT) if dt > 0 else self._dt or 0.04
+        dt = min(dt, _MAX_DT) if dt > 0 else self._dt or _DEFAULT_DT
         if abs(dt - self._dt) < 5e-4:
             return
         self._dt = dt
@@ -149,8 +154,9 @@ class Tracker:
 
     def _birth(self, d: Detection, frame: Frame) -> Track:
         x, y, w, h = d.box
-        t = Track(self._next_id, d.box, frame.index, frame.index, frame.ts, 1,
-                  self._cfg.confirm_hits <= 1, d.score, d, frame.ts)
+        t = Track(id=self._next_id, box=d.box, first_frame=frame.index, last_frame=frame.index,
+                  last_seen_ts=frame.ts, hits=1, confirmed=self._cfg.confirm_hits <= 1,
+                  det_score=d.score, detection=d, last_det_ts=frame.ts)
         self._next_id += 1
         state = np.array([x + w / 2, y + h / 2, w, h, 0, 0, 0, 0], np.float32)
         t.kf.statePost = state.reshape(8, 1)
@@ -163,19 +169,13 @@ class Tracker:
         if not live or not dets:
             return list(dets)
         pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
-        pvar = np.array([t.kf.errorCovPre.diagonal()[:2] for t in live], np.float64)
         db = np.array([d.box for d in dets], np.float64)
-        tc, tsz = pred[:, :2], pred[:, 2:]
+        tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
         dc = db[:, :2] + db[:, 2:] / 2
         iou = _iou(np.hstack([tc - tsz / 2, tsz]), db)
-        d2 = (tc[:, None] - dc[None]) ** 2
-        s = pvar + (np.array(_DET_STD[:2]) * tsz[:, 1:2]) ** 2
-        maha2 = (d2 / s[:, None]).sum(2)
-        dist = np.sqrt(d2.sum(2)) / tsz.mean(1)[:, None]
+        dist = np.linalg.norm(tc[:, None] - dc[None], axis=2) / tsz.mean(1)[:, None]
         area = np.sqrt(np.prod(db[:, 2:], 1)[None] / np.prod(tsz, 1)[:, None])
-        valid = (area > 0.5) & (area < 2) & (
-            (iou >= self._cfg.match_iou) | ((dist <= _GATE_DIST) & (maha2 <= _GATE_MAHA2))
-        )
+        valid = (area > 0.5) & (area < 2) & ((iou >= self._cfg.match_iou) | (dist <= _GATE_DIST))
         cost = np.where(valid, 1 - iou + dist, _INVALID)
         taken = [False] * len(dets)
         for i, j in _hungarian(cost.tolist()):
@@ -205,15 +205,16 @@ class Tracker:
                     if o <= 0 and t.detection is None]
         if not todo:
             return
-        for t, z in zip(todo, self._flow.measure([t.box for t in todo]), strict=True):
-            if z is not None:
-                self._correct(t, z, self._r_flow)
+        for t, c in zip(todo, self._flow.measure([t.box for t in todo]), strict=True):
+            if c is not None:
+                _, _, w, h = t.kf.statePost[:4, 0].tolist()
+                self._correct(t, (*c, w, h), self._r_flow)
                 t.last_frame, t.last_seen_ts = frame.index, frame.ts
 
 
 class _Flow:
-    """Median Flow: Lucas-Kanade on a grid inside each box, forward-backward checked, with the
-    median displacement and the median change of point spacing as the box motion."""
+    """Lucas-Kanade on a grid inside each box, forward-backward checked; the median displacement
+    is the box's. (Estimating scale too made boxes worse on the real clip.)"""
 
     def __init__(self) -> None:
         self._prev: np.ndarray | None = None
@@ -222,7 +223,6 @@ class _Flow:
         self._scale = 1.0
         g = np.linspace(-_FLOW_SPAN / 2, _FLOW_SPAN / 2, _FLOW_GRID, dtype=np.float32)
         self._grid = np.stack(np.meshgrid(g, g), -1).reshape(1, -1, 2)
-        self._pairs = np.triu_indices(_FLOW_GRID * _FLOW_GRID, 1)
 
     def next_frame(self, image: np.ndarray) -> None:
         """Grey, downscaled copy of the frame, into reused buffers."""
@@ -231,13 +231,13 @@ class _Flow:
         if s < 1:
             size = (round(w * s), round(h * s))
             image = self._small = cv2.resize(image, size, dst=self._small,
-                                             interpolation=cv2.INTER_AREA)
+                                             interpolation=cv2.INTER_LINEAR)
         self._prev, self._cur = self._cur, self._prev
         self._cur = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY, dst=self._cur)
 
-    def measure(self, boxes: list[Box]) -> list[Box | None]:
-        """Each box moved from the previous frame to this one, as cx, cy, w, h; None where the
-        points disagree or got lost."""
+    def measure(self, boxes: list[Box]) -> list[tuple[float, float] | None]:
+        """The centre of each box moved from the previous frame to this one; None where the
+        points got lost."""
         prev, cur, s = self._prev, self._cur, self._scale
         if prev is None or cur is None or prev.shape != cur.shape:
             return [None] * len(boxes)
@@ -251,19 +251,14 @@ class _Flow:
         n = self._grid.shape[1]
         good = good.reshape(-1, n)
         p0, p1 = p0.reshape(-1, n, 2), p1.reshape(-1, n, 2)
-        out: list[Box | None] = []
-        i0, i1 = self._pairs
+        out: list[tuple[float, float] | None] = []
         for k, (x, y, w, h) in enumerate(boxes):
             g = good[k]
             if g.sum() < _FLOW_MIN_PTS:
                 out.append(None)
                 continue
             dx, dy = (np.median(p1[k, g] - p0[k, g], 0) / s).tolist()
-            ok = g[i0] & g[i1]
-            d0 = np.linalg.norm(p0[k, i0[ok]] - p0[k, i1[ok]], axis=1)
-            d1 = np.linalg.norm(p1[k, i0[ok]] - p1[k, i1[ok]], axis=1)
-            z = float(np.median(d1 / d0))
-            out.append((x + w / 2 + dx, y + h / 2 + dy, w * z, h * z))
+            out.append((x + w / 2 + dx, y + h / 2 + dy))
         return out
 
 

@@ -52,10 +52,9 @@ class Pipeline:
             t0 = time.perf_counter()
             detections = self.detector.detect(frame.image)
             self.stats.detect((time.perf_counter() - t0) * 1e3)
-        ended = self.tracker.update(frame, detections)
+        self._end(self.tracker.update(frame, detections))
         if detections is not None:
             self._on_detections(frame)
-        self._end(ended)
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""

@@ -29,7 +29,6 @@ class Person:
     y0: float
     x1: float
     y1: float
-    face: tuple[float, float, float, float]  # YuNet box in the 200x200 crop
 
     def origin(self, frame: int) -> tuple[float, float] | None:
         t = (frame - self.start) / (self.frames - 1)
@@ -38,13 +37,9 @@ class Person:
         return self.x0 + (self.x1 - self.x0) * t, self.y0 + (self.y1 - self.y0) * t
 
     def box(self, frame: int) -> tuple[float, float, float, float] | None:
-        """The face box on `frame` (from YuNet's box on the crop), or None when off screen."""
+        """Where the face is on `frame` (the pasted oval's square), or None when off screen."""
         o = self.origin(frame)
-        if o is None:
-            return None
-        k = self.size / 200.0
-        fx, fy, fw, fh = self.face
-        return o[0] + fx * k, o[1] + fy * k, fw * k, fh * k
+        return None if o is None else (o[0], o[1], float(self.size), float(self.size))
 
     def fully_visible(self, frame: int, width: int, height: int) -> bool:
         b = self.box(frame)
@@ -67,7 +62,7 @@ class Scenario:
     @staticmethod
     def load(path: Path) -> Scenario:
         d = json.loads(path.read_text())
-        people = [Person(**{**p, "face": tuple(p["face"])}) for p in d.pop("people")]
+        people = [Person(**p) for p in d.pop("people")]
         return Scenario(people=people, **d)
 
 
@@ -97,9 +92,8 @@ def plan(faces_dir: Path, people: int = 6, seed: int = 7, width: int = 640, heig
         x0, x1 = (xa, xb) if left_to_right else (xb, xa)
         drift = rng.uniform(-0.1, 0.1) * height
         y1 = min(max(lane + drift, 0.0), height - size)
-        face = tuple(float(r[k]) for k in ("yunet_x", "yunet_y", "yunet_w", "yunet_h"))
         out.append(Person(r["file"], r["gender"], int(r["age"]), size, max(start, 0), frames,
-                          x0, lane, x1, y1, face))  # type: ignore[arg-type]
+                          x0, lane, x1, y1))
         start += frames // 2 + rng.randint(0, int(fps))
     total = max(p.start + p.frames for p in out) + int(fps)
     return Scenario(width, height, fps, total, out)

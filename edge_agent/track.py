@@ -22,10 +22,13 @@ Box = tuple[float, float, float, float]
 # Noise as fractions of the face height (rates per second): a near face moves more pixels.
 _DET_STD = (0.04, 0.04, 0.06, 0.06)  # detector box jitter in cx, cy, w, h
 _FLOW_STD = (0.03, 0.03, 1.0, 1.0)  # flow measures the shift only: its size is the prediction's
-_ACCEL_STD = (32.0, 32.0, 1.0, 1.0)  # how fast heads change speed, per s^2
+_ACCEL_STD = (3.0, 3.0, 1.0, 1.0)  # how fast heads change speed, per s^2
 _VEL0_STD = (1.5, 1.5, 0.3, 0.3)  # a new face's unknown speed, per s
 
-_GATE_DIST = 1.0  # a centre this close (in face sizes) matches even at low IoU: motion changes
+# A centre this close (in face sizes) matches even at low IoU. Tight once a track's velocity is
+# known (a wide gate lets a passing face steal the track); wide for a new face moving off fast.
+_GATE_DIST = 0.6
+_GATE_NEW = 1.0
 _MAX_DT = 1.0  # a longer gap (reconnect) would fling boxes; tracks end on max_unseen_s anyway
 _DEFAULT_DT = 0.04  # until two frames with distinct timestamps give the interval
 _MIN_PX = 2.0  # smallest box side: a shrinking prediction must not turn inside out
@@ -36,6 +39,7 @@ _FLOW_GRID = 4  # 4x4 points ...
 _FLOW_SPAN = 0.6  # ... over the central part of the box, where the face is rather than background
 _FLOW_FB_PX = 1.0  # forward-backward error allowed, in flow pixels
 _FLOW_MIN_PTS = 6
+_FLOW_GATE = 5.99  # chi-square, 2 degrees of freedom, 95%
 _LK = {
     "winSize": (11, 11),
     "maxLevel": 2,
@@ -61,6 +65,7 @@ class Track:
     det_score: float  # score of the last matched detection
     detection: Detection | None  # the detection matched in the current frame, else None
     last_det_ts: float = 0.0  # ends the track: flow alone must not keep a lost face alive
+    occluded: bool = False  # hidden behind another face at the last detector run
     kf: cv2.KalmanFilter = field(default_factory=_new_kf, repr=False)
 
 
@@ -91,13 +96,20 @@ class Tracker:
         self._advance(frame.ts)
         for t in self._live:
             t.detection = None
+            t.occluded = False
             self._predict(t)
+        h, w = frame.image.shape[:2]
+        left = [t for t in self._live if not (0 <= t.kf.statePost[0, 0] < w
+                                              and 0 <= t.kf.statePost[1, 0] < h)]
+        if left:  # its centre left the view: the face is gone, whoever appears there next
+            self._live = [t for t in self._live if t not in left]
         new: list[Detection] = []
         if detections is not None:
             new = self._associate(detections, frame)
         limit = frame.ts - self._cfg.max_unseen_s
-        gone = [t for t in self._live if t.last_det_ts < limit
-                or (detections is not None and not t.confirmed and t.detection is None)]
+        gone = left + [t for t in self._live if t.last_det_ts < limit or (
+            detections is not None and not t.confirmed and t.detection is None
+            and not t.occluded)]
         if gone:
             self._live = [t for t in self._live if t not in gone]
         if self._flow is not None and (self._live or new):
@@ -164,25 +176,38 @@ class Tracker:
         return t
 
     def _associate(self, dets: list[Detection], frame: Frame) -> list[Detection]:
-        """Corrects tracks with their optimally assigned detections; returns the unmatched ones."""
+        """Corrects tracks with their optimally assigned detections; returns the unmatched ones.
+
+        When a detection could belong to two tracks and only one of them gets a detection, one
+        face is hidden behind the other and the detection may be either's: neither learns from
+        it (no correction, no chip to classify), both coast on their own motion and stay alive.
+        Otherwise the occluder drags the hidden face's track along and identities swap."""
         live = self._live
         if not live or not dets:
             return list(dets)
         pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
         db = np.array([d.box for d in dets], np.float64)
         tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
+        tb = np.hstack([tc - tsz / 2, tsz])
         dc = db[:, :2] + db[:, 2:] / 2
-        iou = _iou(np.hstack([tc - tsz / 2, tsz]), db)
+        iou = _iou(tb, db)
         dist = np.linalg.norm(tc[:, None] - dc[None], axis=2) / tsz.mean(1)[:, None]
         area = np.sqrt(np.prod(db[:, 2:], 1)[None] / np.prod(tsz, 1)[:, None])
-        valid = (area > 0.5) & (area < 2) & ((iou >= self._cfg.match_iou) | (dist <= _GATE_DIST))
+        gate = np.array([_GATE_NEW if t.hits < 2 else _GATE_DIST for t in live])[:, None]
+        valid = (area > 0.5) & (area < 2) & ((iou >= self._cfg.match_iou) | (dist <= gate))
         cost = np.where(valid, 1 - iou + dist, _INVALID)
+        pairs = [(i, j) for i, j in _hungarian(cost.tolist()) if valid[i, j]]
+        matched = {i for i, _ in pairs}
         taken = [False] * len(dets)
-        for i, j in _hungarian(cost.tolist()):
-            if not valid[i, j]:
+        for i, j in pairs:
+            taken[j] = True
+            hidden = [k for k in range(len(live)) if k not in matched and valid[k, j]]
+            if hidden:
+                for k in (i, *hidden):
+                    live[k].last_det_ts = frame.ts
+                    live[k].occluded = True
                 continue
             t, d = live[i], dets[j]
-            taken[j] = True
             x, y, w, h = d.box
             self._correct(t, (x + w / 2, y + h / 2, w, h), self._r_det)
             t.detection, t.det_score = d, d.score
@@ -206,10 +231,19 @@ class Tracker:
         if not todo:
             return
         for t, c in zip(todo, self._flow.measure([t.box for t in todo]), strict=True):
-            if c is not None:
+            if c is not None and self._plausible(t, c):
                 _, _, w, h = t.kf.statePost[:4, 0].tolist()
                 self._correct(t, (*c, w, h), self._r_flow)
                 t.last_frame, t.last_seen_ts = frame.index, frame.ts
+
+    def _plausible(self, t: Track, c: tuple[float, float]) -> bool:
+        """Flow that disagrees with the track's own motion has latched onto something else,
+        typically a face passing in front: chi-square gate on the predicted centre."""
+        kf = t.kf
+        h = max(float(kf.statePost[3, 0]), 1.0)
+        s = kf.errorCovPost[:2, :2] + self._r_flow[:2, :2] * (h * h)
+        r = np.array(c, np.float32) - kf.statePost[:2, 0]
+        return float(r @ np.linalg.solve(s, r)) <= _FLOW_GATE
 
 
 class _Flow:

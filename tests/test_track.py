@@ -18,6 +18,7 @@ from edge_agent.track import Track, Tracker, _hungarian
 FPS = 25.0
 EVERY = 5
 BLANK = np.zeros((360, 640, 3), np.uint8)
+WIDE = np.zeros((360, 1280, 3), np.uint8)
 
 
 def ts(i: int) -> float:
@@ -82,6 +83,37 @@ def test_crossing_faces_keep_ids(flow: bool, scene: tuple[np.ndarray, list[np.nd
                 assert np.abs(centre(t.box) - centre(b)).max() < 12
     assert overlapped
     assert sorted(t.id for t in tr.flush()) == sorted(ids.values())
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_hidden_face_keeps_its_id_while_crossing(
+    flow: bool, scene: tuple[np.ndarray, list[np.ndarray]],
+) -> None:
+    # B walks in just before it passes in front of A, so it has a single detection and no
+    # known speed when the detector sees only B; that detection must not drag A's track along.
+    tr = Tracker(TrackConfig(optical_flow=flow))
+    bg, patches = scene
+    hidden = 0
+    for i in range(46):
+        xa, xb = 80 + 8 * i, 440 - 6 * i
+        boxes = {"A": (xa, 100, 60, 72)} | ({"B": (xb, 110, 60, 72)} if i >= 20 else {})
+        image = render(bg, patches[:len(boxes)], [b[:2] for b in boxes.values()]) if flow \
+            else BLANK
+        dets = [det(*b[:2]) for k, b in boxes.items() if k == "B" or abs(xa - xb) >= 50]
+        hidden += i % EVERY == 0 and "B" in boxes and len(dets) == 1
+        assert step(tr, i, dets, image) == []
+    assert hidden >= 1
+    ids = {k: nearest(tr, b).id for k, b in boxes.items()}
+    assert ids == {"A": 1, "B": 2} and len(tr.tracks) == 2
+
+
+def test_face_leaving_the_view_ends_at_once() -> None:
+    tr = Tracker(TrackConfig(optical_flow=False, max_unseen_s=5.0))
+    ended: list[tuple[int, Track]] = []
+    for i in range(40):
+        x = 500 + 8 * i  # the centre crosses the right edge (640) at frame 14
+        ended += [(i, t) for t in step(tr, i, [det(x, 100)] if x + 30 < 640 else [])]
+    assert [i for i, _ in ended] == [14]
 
 
 def test_fast_new_face_is_confirmed_and_kept() -> None:
@@ -187,32 +219,33 @@ def test_prediction_uses_timestamps_when_frames_drop() -> None:
     for i in range(60):
         t_s += 0.04 * rng.choice([1, 1, 2, 3])
         box = (20 + 150 * t_s, 100.0, 60.0, 72.0)
-        tr.update(Frame(BLANK, i, 1000.0 + t_s), [det(*box)] if i % 3 == 0 else None)
+        tr.update(Frame(WIDE, i, 1000.0 + t_s), [det(*box)] if i % 3 == 0 else None)
         if i >= 15:
             errors.append(abs(tr.tracks[0].box[0] - box[0]))
     assert max(errors) < 2.0
 
 
-def test_flow_follows_a_change_of_motion(scene: tuple[np.ndarray, list[np.ndarray]]) -> None:
+def test_flow_keeps_a_face_through_a_sharp_turn(
+    scene: tuple[np.ndarray, list[np.ndarray]],
+) -> None:
+    # Right at 6 px/frame, then abruptly down-left from frame 27: the constant-velocity model
+    # alone overshoots past its gate and loses the face; flow between detections follows it.
     bg, patches = scene
 
-    def xy(i: int) -> tuple[float, float]:  # right at 6 px/frame, then down-left from frame 27
+    def xy(i: int) -> tuple[float, float]:
         return (100 + 6 * i, 60.0) if i <= 27 else (262 - 5 * (i - 27), 60 + 4 * (i - 27))
 
-    errors = {}
+    ids = {}
     for flow in (False, True):
         tr = Tracker(TrackConfig(optical_flow=flow))
-        err = []
+        seen = set()
         for i in range(51):
             x, y = xy(i)
             step(tr, i, [det(x, y)], render(bg, patches[:1], [(x, y)]))
-            [t] = tr.tracks
-            if i > 27 and i % EVERY:
-                err.append(np.linalg.norm(centre(t.box) - centre((x, y, 60, 72))))
-                if flow:
-                    assert t.last_frame == i and t.detection is None
-        errors[flow] = float(np.mean(err))
-    assert errors[True] < 2.0 and errors[True] < errors[False] / 3, errors
+            seen |= {t.id for t in tr.tracks}
+        ids[flow] = seen
+    assert ids[True] == {1}
+    assert len(ids[False]) > 1
 
 
 def test_flow_does_not_keep_a_lost_face_alive(

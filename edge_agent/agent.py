@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import cv2
+
 from edge_agent import models
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, face_quality
@@ -31,6 +33,7 @@ class Pipeline:
     def __init__(self, cfg: Config, publish: Any) -> None:
         mdir = cfg.models.dir
         self.cfg = cfg
+        cv2.setNumThreads(cfg.threads)
         self.detector = make_detector(cfg.detect, mdir)
         self.classifier = (FaceClassifier(f"{mdir}/{GENDER_FILE}", f"{mdir}/{AGE_FILE}")
                            if cfg.classify.enabled else None)
@@ -86,6 +89,10 @@ class Pipeline:
             for ev in self.events.ended(t):
                 self.publish(ev)
 
+    def stalled(self, now: float) -> None:
+        """No frame came: faces cannot be seen, so their tracks end on time as usual."""
+        self._end(self.tracker.expire(now))
+
     def finish(self) -> None:
         self._end(self.tracker.flush())
 
@@ -123,6 +130,8 @@ def _loop(cfg: Config, stop: threading.Event, source: FrameSource, pipe: Pipelin
             pipe.step(frame)
         elif source.finished:
             break
+        else:
+            pipe.stalled(time.time())
         now = time.monotonic()
         level = memory.check(now)
         if level is Memory.CEILING:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,8 @@ def main(shared: str | None, clip: str | None, people: int, modes: list[str],
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as work:
         if clip is None:
             scn = scenario.plan(base / "data" / "faces", people=people, seed=11)
-            clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4"))
+            clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4",
+                                       h264=shutil.which("ffmpeg") is not None))
         print(f"clip: {clip}")
         print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12}")
         results = {}

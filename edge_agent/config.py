@@ -109,6 +109,7 @@ class Config:
     device_id: str = ""
     camera: str = "default"
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"))
+    threads: int = _opt(1, min=1, max=64)
     source: SourceConfig = field(default_factory=SourceConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     track: TrackConfig = field(default_factory=TrackConfig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,8 +115,9 @@ def background(width: int, height: int, seed: int = 1) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render(scn: Scenario, faces_dir: Path, out: Path) -> Path:
-    """Write the clip (mp4v) and its ground truth next to it as `<out>.json`."""
+def render(scn: Scenario, faces_dir: Path, out: Path, h264: bool = False) -> Path:
+    """Write the clip and its ground truth next to it as `<out>.json`. OpenCV writes MPEG-4
+    part 2; with `h264`, ffmpeg re-encodes it as H.264, what cameras stream (and RTSP serves)."""
     bg = background(scn.width, scn.height)
     sprites = {}
     for p in scn.people:
@@ -123,7 +125,8 @@ def render(scn: Scenario, faces_dir: Path, out: Path) -> Path:
         if img is None:
             raise FileNotFoundError(faces_dir / p.file)
         sprites[p.file, p.size] = cv2.resize(img, (p.size, p.size), interpolation=cv2.INTER_AREA)
-    writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), scn.fps,
+    raw = out.with_suffix(".mp4v.mp4") if h264 else out
+    writer = cv2.VideoWriter(str(raw), cv2.VideoWriter_fourcc(*"mp4v"), scn.fps,
                              (scn.width, scn.height))
     if not writer.isOpened():
         raise RuntimeError(f"cannot write {out}")
@@ -136,6 +139,11 @@ def render(scn: Scenario, faces_dir: Path, out: Path) -> Path:
                 _paste(frame, sprites[p.file, p.size], _mask(masks, p.size), int(o[0]), int(o[1]))
         writer.write(frame)
     writer.release()
+    if h264:
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(raw), "-c:v", "libx264",
+                        "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-g",
+                        str(int(scn.fps * 2)), str(out)], check=True)
+        raw.unlink()
     scn.save(out.with_suffix(out.suffix + ".json"))
     return out
 

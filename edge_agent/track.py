@@ -127,6 +127,15 @@ class Tracker:
             self._live.append(self._birth(d, frame))
         return [t for t in gone if t.confirmed]
 
+    def expire(self, ts: float) -> list[Track]:
+        """End tracks unseen since `ts - max_unseen_s` while no frames arrive (a stalled or
+        reconnecting stream); returns the confirmed ones."""
+        limit = ts - self._cfg.max_unseen_s
+        gone = [t for t in self._live if t.last_det_ts < limit]
+        if gone:
+            self._live = [t for t in self._live if t not in gone]
+        return [t for t in gone if t.confirmed]
+
     def flush(self) -> list[Track]:
         """End every confirmed track (the stream ended); returns them."""
         ended = [t for t in self._live if t.confirmed]

@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared")).resolve()
 MODELS = SHARED / "models"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+DEBIAN_PYTHON = "/usr/bin/python3"  # the one with Debian's `gi` for gst-rtsp-server
 FACES = SHARED / "data" / "faces"
 
 
@@ -85,3 +87,34 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+@dataclass
+class RtspServer:
+    """tests/rtsp_server.py serving an H.264 mp4 at /clip on a loopback port."""
+
+    port: int
+    clip: Path
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/clip"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [DEBIAN_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--mount", "/clip",
+             "--file", str(self.clip)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        wait_port(self.port)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == f"READY {self.url}"
+
+    def stop(self) -> int | None:
+        code = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            code = self.proc.wait(5)
+        self.proc = None
+        return code

@@ -11,21 +11,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import free_port, wait_port
+from conftest import RtspServer, free_port, wait_port
 
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.config import SourceConfig
 
 W, H, CELL = 320, 240, 80
-RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
-DEBIAN_PYTHON = "/usr/bin/python3"
 
 LIVE = SourceConfig(
     open_timeout_s=3.0, read_timeout_s=0.5, reconnect_min_s=0.1, reconnect_max_s=0.5
@@ -231,35 +229,6 @@ def test_missing_camera_keeps_retrying_without_raising() -> None:
 
 
 # --- RTSP --------------------------------------------------------------------------------
-
-
-@dataclass
-class RtspServer:
-    port: int
-    clip: Path
-    proc: subprocess.Popen[str] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"rtsp://127.0.0.1:{self.port}/clip"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [DEBIAN_PYTHON, str(RTSP_SERVER), "--port", str(self.port), "--mount", "/clip",
-             "--file", str(self.clip)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        wait_port(self.port)
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == f"READY {self.url}"
-
-    def stop(self) -> int | None:
-        code = None
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            code = self.proc.wait(5)
-        self.proc = None
-        return code
 
 
 def test_rtsp_stream_recovers_after_the_server_restarts(tmp_path: Path) -> None:

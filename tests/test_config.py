@@ -34,7 +34,8 @@ def test_defaults_fill_everything_but_the_source() -> None:
     [
         ({"detect": {"every_n_frames": "five"}},
          "detect.every_n_frames: expected an integer >= 1, got 'five'"),
-        ({"detect": {"every_n_frames": 0}}, "detect.every_n_frames: expected an integer >= 1, got 0"),
+        ({"detect": {"every_n_frames": 0}},
+         "detect.every_n_frames: expected an integer >= 1, got 0"),
         ({"detect": {"every_n_frames": True}}, "detect.every_n_frames: expected an integer"),
         ({"mqtt": {"port": 70000}}, "mqtt.port: expected an integer from 1 to 65535, got 70000"),
         ({"detect": {"backend": "haar"}}, "detect.backend: expected one of 'yunet', 'ultraface'"),

@@ -4,16 +4,18 @@ real mosquitto; a subscriber checks what dashboards would see."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import Broker
+from conftest import Broker, RtspServer, free_port
 
 from edge_agent import scenario
 
@@ -148,3 +150,55 @@ def test_missing_clip_exits_2(tmp_path: Path, broker: Broker, models_dir: Path) 
     r = run_agent(agent_config(tmp_path, models_dir, broker.port, str(tmp_path / "nope.mp4")), 60)
     assert r.returncode == 2
     assert "source.uri" in r.stderr and "nope.mp4" in r.stderr
+
+
+def test_rtsp_stream_through_agent_survives_a_server_restart(
+        tmp_path: Path, faces_dir: Path, broker: Broker, models_dir: Path) -> None:
+    """The scene served over RTSP; the server is killed and restarted mid-run; the agent
+    reconnects, keeps publishing, and a SIGTERM ends open tracks with a clean `offline`."""
+    scn = scenario.plan(faces_dir, people=4, seed=3)
+    clip = scenario.render(scn, faces_dir, tmp_path / "scene.mp4", h264=True)
+    server = RtspServer(free_port(), clip)
+    server.start()
+    cfg = agent_config(tmp_path, models_dir, broker.port, server.url, read_timeout_s=2.0,
+                       reconnect_max_s=1.0)
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+
+    def state() -> dict[str, Any]:
+        return json.loads(rec.retained.get("state", "{}"))
+
+    try:
+        assert rec.wait_for(lambda: any(e["type"] == "new" for e in rec.events), 30), \
+            "no face event from the RTSP stream"
+        server.stop()
+        assert rec.wait_for(lambda: state().get("source") == "reconnecting", 10), state()
+        frames_before = state()["frames"]
+        server.start()
+        t0 = time.monotonic()
+        assert rec.wait_for(lambda: state().get("source") == "open"
+                            and state()["frames"] > frames_before, 10), state()
+        recovery = time.monotonic() - t0
+        assert recovery < 5.0, f"recovered in {recovery:.1f} s"
+        assert state()["source_reconnects"] >= 1
+        n = len(rec.events)
+        assert rec.wait_for(lambda: any(e["type"] == "new" for e in rec.events[n:]), 30), \
+            "no face event after the reconnect"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read() if proc.stderr else ""
+        assert rec.wait_for(lambda: rec.status[-1:] == ["offline"], 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+        rec.close()
+    events = rec.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    kinds: dict[str, list[str]] = {}
+    for e in events:
+        kinds.setdefault(e["track_id"], []).append(e["type"])
+    for tid, k in kinds.items():
+        assert k[0] == "new" and k[-1] == "end" and k.count("new") == k.count("end") == 1, tid
+    frames = [e["frame"] for e in events if e["type"] == "new"]
+    assert frames == sorted(frames), "live frame numbers never go back, reconnects included"

@@ -71,8 +71,13 @@ class Pipeline:
         self.events.forget_missing({t.id for t in tracks})
 
     def _classify(self, frame: Frame, track: Any) -> bool:
+        """A chip only from a face that is large enough and wholly in view: a face entering
+        is cut off at first, and its chip's replicated border misleads the age model."""
         det = track.detection
-        if self.classifier is None or min(det.box[2], det.box[3]) < self.cfg.classify.min_face_px:
+        x, y, w, h = det.box
+        fh, fw = frame.image.shape[:2]
+        if (self.classifier is None or min(w, h) < self.cfg.classify.min_face_px
+                or x < 0 or y < 0 or x + w > fw or y + h > fh):
             return False
         votes = self.events.face(track).votes
         q = face_quality(frame.image, det)

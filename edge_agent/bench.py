@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from edge_agent import config, scenario
 from edge_agent.capture import open_source
 from edge_agent.demo import shared_dir
@@ -23,7 +25,7 @@ from edge_agent.demo import shared_dir
 MODES = ("decode", "agent", "naive")
 
 
-def main(shared: str | None, clip: str | None, people: int, modes: list[str],
+def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
          every_n: int | None) -> int:
     base = shared_dir(shared)
     unknown = set(modes) - set(MODES)
@@ -32,7 +34,7 @@ def main(shared: str | None, clip: str | None, people: int, modes: list[str],
         return 2
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as work:
         if clip is None:
-            scn = scenario.plan(base / "data" / "faces", people=people, seed=11)
+            scn = scenario.plan(base / "data" / "faces", people=people, seed=seed)
             clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4",
                                        h264=shutil.which("ffmpeg") is not None))
         print(f"clip: {clip}")
@@ -66,6 +68,7 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     if every_n:
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect,
                                                                   every_n_frames=every_n))
+    cv2.setNumThreads(cfg.threads)
     events: list[dict[str, Any]] = []
     step: Any = None
     finish: Any = None

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
     bench.add_argument("--clip", help="a video file instead of the generated scene")
     bench.add_argument("--people", type=int, default=30)
+    bench.add_argument("--seed", type=int, default=11, help="which generated scene")
     bench.add_argument("--modes", default="decode,agent,naive")
     bench.add_argument("--every-n", type=int, default=None)
     bench.set_defaults(func=_bench)
@@ -121,4 +122,5 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from edge_agent import bench
 
-    return bench.main(args.shared, args.clip, args.people, args.modes.split(","), args.every_n)
+    return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
+                      args.every_n)

@@ -34,7 +34,6 @@ class EventBuilder:
         self.samples = samples
         self.window = window
         self.classify = classify
-        self.min_samples = min(2, samples)
         self.max_wait = max_wait
         self.faces: dict[int, Face] = {}
 
@@ -54,8 +53,7 @@ class EventBuilder:
             if track.detection is not None:
                 face.since_confirm += 1
             attrs = face.votes.result()
-            ready = (not self.classify or (attrs is not None and attrs.samples >= self.min_samples)
-                     or face.since_confirm > self.max_wait)
+            ready = not self.classify or attrs is not None or face.since_confirm > self.max_wait
             return self._emit("new", track, face, attrs) if ready else None
         if changed:
             attrs = face.votes.result()
@@ -87,7 +85,8 @@ class EventBuilder:
         face.announced = True
         if attrs is not None:
             face.published = (attrs.gender, attrs.age_bucket)
-        last = face.last
+        last = face.last or {"ts": track.last_seen_ts, "frame": track.last_frame,
+                             "box": track.box, "size": (0, 0)}
         x, y, w, h = last["box"]
         return {
             "type": kind,

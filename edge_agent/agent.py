@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cv2
@@ -19,7 +21,7 @@ from edge_agent.events import EventBuilder
 from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
-from edge_agent.track import Tracker
+from edge_agent.track import Track, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ SHED_FACTOR = 3  # under memory pressure the detector runs this many times less 
 class Pipeline:
     """Everything that turns one frame into events; the loop in `run` drives it."""
 
-    def __init__(self, cfg: Config, publish: Any) -> None:
+    def __init__(self, cfg: Config, publish: Callable[[dict[str, Any]], object],
+                 run_id: str) -> None:
         mdir = cfg.models.dir
         self.cfg = cfg
         cv2.setNumThreads(cfg.threads)
@@ -38,16 +41,24 @@ class Pipeline:
         self.classifier = (FaceClassifier(f"{mdir}/{GENDER_FILE}", f"{mdir}/{AGE_FILE}")
                            if cfg.classify.enabled else None)
         self.tracker = Tracker(cfg.track)
-        self.events = EventBuilder(cfg.device_id, cfg.camera, f"{int(time.time() * 1000):x}",
-                                   cfg.classify.samples, cfg.classify.window,
-                                   cfg.classify.enabled)
-        self.publish = publish
+        self.events = EventBuilder(cfg.device_id, cfg.camera, run_id, cfg.classify.samples,
+                                   cfg.classify.window, cfg.classify.enabled)
+        self._publish = publish
+        self.lost_events = 0
         self.stats = LoopStats()
         self.every_n = cfg.detect.every_n_frames
         self._since_detect = self.every_n
+        self._shape: tuple[int, ...] = ()
 
     def step(self, frame: Frame) -> None:
         self.stats.frame(time.monotonic())
+        if frame.image.shape != self._shape:
+            if self._shape:
+                log.warning("frame size changed from %s to %s: ending open tracks",
+                            self._shape[1::-1], frame.image.shape[1::-1])
+                self.finish()
+            self._shape = frame.image.shape
+            self._since_detect = self.every_n
         self._since_detect += 1
         detections = None
         if self._since_detect >= self.every_n:
@@ -70,16 +81,19 @@ class Pipeline:
                     self.publish(ev)
         self.events.forget_missing({t.id for t in tracks})
 
-    def _classify(self, frame: Frame, track: Any) -> bool:
+    def _classify(self, frame: Frame, track: Track) -> bool:
         """A chip only from a face that is large enough and wholly in view: a face entering
         is cut off at first, and its chip's replicated border misleads the age model."""
         det = track.detection
+        assert det is not None
         x, y, w, h = det.box
         fh, fw = frame.image.shape[:2]
         if (self.classifier is None or min(w, h) < self.cfg.classify.min_face_px
                 or x < 0 or y < 0 or x + w > fw or y + h > fh):
             return False
         votes = self.events.face(track).votes
+        if votes.done:
+            return False
         q = face_quality(frame.image, det)
         if not votes.wants(q):
             return False
@@ -89,10 +103,20 @@ class Pipeline:
         votes.add(q, p_male, ages)
         return True
 
-    def _end(self, tracks: list[Any]) -> None:
+    def _end(self, tracks: list[Track]) -> None:
         for t in tracks:
             for ev in self.events.ended(t):
                 self.publish(ev)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """A spool that cannot take the event (disk full, card failing) must not stop the
+        camera: count what is lost, say so now and then, carry on."""
+        try:
+            self._publish(event)
+        except (OSError, sqlite3.Error, ValueError) as e:
+            self.lost_events += 1
+            if self.lost_events in (1, 10) or self.lost_events % 1000 == 0:
+                log.error("could not store event (%d lost so far): %s", self.lost_events, e)
 
     def stalled(self, now: float) -> None:
         """No frame came: faces cannot be seen, so their tracks end on time as usual."""
@@ -118,7 +142,7 @@ def run(cfg: Config, stop: threading.Event | None = None) -> int:
         cleanup.callback(spool.close)
         publisher = Publisher(cfg.mqtt, topic_base(cfg), spool)
         cleanup.callback(publisher.stop)
-        pipe = Pipeline(cfg, publisher.publish_event)
+        pipe = Pipeline(cfg, publisher.publish_event, str(spool.new_run()))
         return _loop(cfg, stop, source, pipe, publisher, spool)
 
 
@@ -136,7 +160,7 @@ def _loop(cfg: Config, stop: threading.Event, source: FrameSource, pipe: Pipelin
         elif source.finished:
             break
         else:
-            pipe.stalled(time.time())
+            pipe.stalled(time.monotonic())
         now = time.monotonic()
         level = memory.check(now)
         if level is Memory.CEILING:
@@ -175,9 +199,11 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "memory_sheds": memory.sheds,
         "tracks": sum(t.confirmed for t in pipe.tracker.tracks),
         "source": source.state,
-        "source_reconnects": getattr(source, "reconnects", 0),
+        "source_reconnects": source.reconnects,
+        "source_error": source.last_error,
         "spool_depth": spool.depth(),
         "spool_dropped": spool.dropped(),
+        "events_lost": pipe.lost_events,
         "broker": "connected" if publisher.connected else "disconnected",
         "reconnects": publisher.reconnects,
     }

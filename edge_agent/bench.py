@@ -20,14 +20,13 @@ import cv2
 
 from edge_agent import config, scenario
 from edge_agent.capture import open_source
-from edge_agent.demo import shared_dir
 
 MODES = ("decode", "agent", "naive")
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
          every_n: int | None) -> int:
-    base = shared_dir(shared)
+    base = scenario.shared_dir(shared)
     unknown = set(modes) - set(MODES)
     if unknown:
         print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
@@ -73,7 +72,7 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     step: Any = None
     finish: Any = None
     if mode == "agent":
-        pipe = Pipeline(cfg, events.append)
+        pipe = Pipeline(cfg, events.append, "bench")
         step, finish = pipe.step, pipe.finish
     elif mode == "naive":
         detector = make_detector(dataclasses.replace(cfg.detect, width=1 << 16), models_dir)

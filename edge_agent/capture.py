@@ -31,7 +31,8 @@ _MAX_SKIP_S = 2.0
 class Frame:
     image: np.ndarray  # BGR uint8, HxWx3
     index: int  # CONTRACT.md `frame`: file position (counting on across loops) or live counter
-    ts: float  # Unix time of the frame
+    ts: float  # Unix time of the frame, for events
+    mono: float  # monotonic seconds, for durations: immune to the wall clock being set
 
 
 class FrameSource(Protocol):
@@ -42,6 +43,9 @@ class FrameSource(Protocol):
     @property
     def finished(self) -> bool:
         """True once a finite source (a file without loop) has delivered its last frame."""
+
+    reconnects: int  # times a stream was lost after delivering frames
+    last_error: str | None  # why it was last lost, for health reports
 
     @property
     def state(self) -> str:
@@ -146,7 +150,8 @@ class FileSource:
         ok, image = self._cap.retrieve()
         if not ok:
             return self._finish()
-        frame = Frame(image, self._index, self._start_wall + self._index / self.fps)
+        offset = self._index / self.fps
+        frame = Frame(image, self._index, self._start_wall + offset, self._start_mono + offset)
         self._index += 1
         return frame
 
@@ -252,7 +257,7 @@ class _LiveSource:
                 if waited >= self.cfg.read_timeout_s:
                     return delivered, f"no frame for {waited:.1f} s"
                 return delivered, "stream ended or read failed"
-            frame = Frame(image, self._count, time.time())
+            frame = Frame(image, self._count, time.time(), time.monotonic())
             self._count += 1
             delivered = True
             with self._cond:

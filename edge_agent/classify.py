@@ -162,6 +162,11 @@ class TrackAttributes:
         self._offers = 0
         self._kept: list[tuple[float, float, np.ndarray]] = []
 
+    @property
+    def done(self) -> bool:
+        """Every offer of the window is used: no chip will be classified any more."""
+        return self._offers >= self.window
+
     def wants(self, quality: float) -> bool:
         """Whether a chip of this quality is worth classifying (cheap; call before predict).
 

@@ -91,7 +91,7 @@ def _check_config(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     """Without -c, the default pipeline's models (or every model with --all)."""
     mdir = args.dir
-    names = None if args.all else models.required_models("yunet", True)
+    names = None if args.all else models.required_models(config.DetectConfig().backend, True)
     if args.config:
         cfg = config.load(args.config)
         mdir = mdir or cfg.models.dir

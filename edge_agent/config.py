@@ -8,6 +8,7 @@ types and bounds and raises :class:`ConfigError` naming the key path, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 import types
@@ -120,7 +121,7 @@ class Config:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
-_TOPIC_FORBIDDEN = set("#+\0")
+_TOPIC_LEVEL_FORBIDDEN = set("#+/\0")
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -186,6 +187,8 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         or (base is str and isinstance(raw, str))
     )
     value = float(raw) if ok and base is float else raw
+    if ok and base is float and not math.isfinite(value):
+        ok = False
     if ok and "min" in meta and value < meta["min"]:
         ok = False
     if ok and "max" in meta and value > meta["max"]:
@@ -249,15 +252,20 @@ def _int_or_str(s: str) -> int | str:
 def _check_semantics(cfg: Config) -> None:
     if not cfg.source.uri:
         raise ConfigError("source.uri: expected a device, stream URL or file path, got nothing")
-    for path, value in (("device_id", cfg.device_id), ("mqtt.topic_prefix", cfg.mqtt.topic_prefix),
-                        ("camera", cfg.camera)):
-        if not value or _TOPIC_FORBIDDEN & set(value):
-            raise ConfigError(f"{path}: expected a non-empty name without '#', '+', got {value!r}")
-    if cfg.source.reconnect_max_s < cfg.source.reconnect_min_s:
-        raise ConfigError(
-            f"source.reconnect_max_s: expected a number >= source.reconnect_min_s "
-            f"({cfg.source.reconnect_min_s}), got {cfg.source.reconnect_max_s}"
-        )
+    if not cfg.device_id or _TOPIC_LEVEL_FORBIDDEN & set(cfg.device_id):
+        raise ConfigError(f"device_id: expected a non-empty name without '#', '+', '/', "
+                          f"got {cfg.device_id!r}")
+    prefix = cfg.mqtt.topic_prefix
+    if not prefix or prefix.startswith("/") or prefix.endswith("/") or set("#+\0") & set(prefix):
+        raise ConfigError(f"mqtt.topic_prefix: expected topic levels without '#', '+' or a "
+                          f"leading or trailing '/', got {prefix!r}")
+    if not cfg.camera:
+        raise ConfigError("camera: expected a non-empty label, got ''")
+    for section in ("source", "mqtt"):
+        lo, hi = getattr(cfg, section).reconnect_min_s, getattr(cfg, section).reconnect_max_s
+        if hi < lo:
+            raise ConfigError(f"{section}.reconnect_max_s: expected a number >= "
+                              f"{section}.reconnect_min_s ({lo}), got {hi}")
     if cfg.classify.window < cfg.classify.samples:
         raise ConfigError(
             f"classify.window: expected an integer >= classify.samples ({cfg.classify.samples}), "

@@ -20,24 +20,16 @@ import paho.mqtt.client as mqtt
 from edge_agent import agent, config, scenario
 
 
-def shared_dir(given: str | None) -> Path:
-    """The folder with models/ and data/faces/ (MANIFEST.md's layout)."""
-    for cand in (given, os.environ.get("EDGE_AGENT_SHARED"), "../shared", "shared"):
-        if cand and (Path(cand) / "models").is_dir():
-            return Path(cand).resolve()
-    raise SystemExit("edge-agent demo: cannot find the shared folder; pass --shared DIR")
-
-
 def main(source: str | None, shared: str | None, people: int) -> int:
-    base = shared_dir(shared)
+    base = scenario.shared_dir(shared)
     work = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
     scn = None
     if source is None:
         scn = scenario.plan(base / "data" / "faces", people=people)
         source = str(scenario.render(scn, base / "data" / "faces", work / "sample.mp4"))
         print(f"sample clip: {source} ({scn.frames} frames, {len(scn.people)} people)")
-    port = _free_port()
-    broker = _start_mosquitto(work, port)
+    port = free_port()
+    broker = start_mosquitto(work, port)
     cfg = config.from_dict({
         "device_id": "demo", "camera": "sample",
         "source": {"uri": source, "realtime": True},
@@ -65,29 +57,39 @@ def main(source: str | None, shared: str | None, people: int) -> int:
     return code
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _start_mosquitto(work: Path, port: int) -> subprocess.Popen[bytes]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        raise SystemExit("edge-agent demo: mosquitto is not installed (make system-deps)")
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                    + ("user root\n" if os.geteuid() == 0 else ""))
-    proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 5
+def wait_port(port: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
+            return
         except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("edge-agent demo: mosquitto did not start")
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def start_mosquitto(work: Path, port: int, extra_conf: str = "") -> subprocess.Popen[bytes]:
+    """Debian's mosquitto on a loopback port, for the demo and the tests."""
+    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(exe).exists():
+        raise SystemExit("mosquitto is not installed (make system-deps)")
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                    f"log_dest file {work / 'mosquitto.log'}\n"
+                    + ("user root\n" if os.geteuid() == 0 else "") + extra_conf)
+    proc = subprocess.Popen([exe, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
 
 
 def _subscribe(port: int, base: str, sink: list[dict]) -> mqtt.Client:

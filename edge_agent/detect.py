@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_agent.config import DetectConfig
 
-# One place for the file names of models/MANIFEST.md, so models.py can verify the same files.
+# File names as in models/manifest.json (a test keeps the two in step).
 DETECTOR_FILES = {
     "yunet": "face_detection_yunet_2023mar.onnx",
     "ultraface": "version-RFB-320.onnx",

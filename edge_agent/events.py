@@ -3,12 +3,20 @@ gender or age bucket changes, `end` once when it is lost or the stream ends."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from edge_agent.capture import Frame
 from edge_agent.classify import Attributes, TrackAttributes
 from edge_agent.track import Track
+
+
+class Sighting(NamedTuple):
+    """The frame an event describes: the last one in which the detector saw the face."""
+
+    ts: float
+    frame: int
+    box: tuple[float, float, float, float]
 
 
 @dataclass(slots=True)
@@ -19,7 +27,7 @@ class Face:
     announced: bool = False
     published: tuple[str | None, str | None] = (None, None)  # gender, age bucket last sent
     since_confirm: int = 0  # detector matches after confirmation, to bound the wait for chips
-    last: dict[str, Any] = field(default_factory=dict)  # frame facts of the last sighting
+    last: Sighting | None = None
 
 
 class EventBuilder:
@@ -36,6 +44,7 @@ class EventBuilder:
         self.classify = classify
         self.max_wait = max_wait
         self.faces: dict[int, Face] = {}
+        self.frame_size = (0, 0)
 
     def face(self, track: Track) -> Face:
         f = self.faces.get(track.id)
@@ -47,8 +56,8 @@ class EventBuilder:
         """Call once per frame for each confirmed track; `changed` says a chip was added."""
         face = self.face(track)
         if track.detection is not None:
-            face.last = {"ts": frame.ts, "frame": frame.index, "box": track.detection.box,
-                         "size": frame.image.shape[1::-1]}
+            face.last = Sighting(frame.ts, frame.index, track.detection.box)
+            self.frame_size = frame.image.shape[1::-1]
         if not face.announced:
             if track.detection is not None:
                 face.since_confirm += 1
@@ -85,18 +94,20 @@ class EventBuilder:
         face.announced = True
         if attrs is not None:
             face.published = (attrs.gender, attrs.age_bucket)
-        last = face.last or {"ts": track.last_seen_ts, "frame": track.last_frame,
-                             "box": track.box, "size": (0, 0)}
-        x, y, w, h = last["box"]
+        last = face.last or Sighting(track.last_seen_ts, track.last_frame, track.box)
+        fw, fh = self.frame_size
+        x, y, w, h = last.box
+        x0, y0 = max(round(x), 0), max(round(y), 0)
+        x1, y1 = min(round(x + w), fw or 1 << 30), min(round(y + h), fh or 1 << 30)
         return {
             "type": kind,
             "track_id": self.track_id(track),
             "device": self.device,
             "camera": self.camera,
-            "ts": round(last["ts"], 3),
-            "frame": last["frame"],
-            "frame_size": list(last["size"]),
-            "box": [round(x), round(y), round(w), round(h)],
+            "ts": round(last.ts, 3),
+            "frame": last.frame,
+            "frame_size": [fw, fh],
+            "box": [x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)],
             "first_frame": track.first_frame,
             "last_frame": track.last_frame,
             "gender": attrs.gender if attrs else None,

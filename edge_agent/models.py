@@ -95,7 +95,10 @@ def _problem(path: Path, e: ModelEntry) -> tuple[str, str] | None:
     size = path.stat().st_size
     if size != e.size:
         return "corrupt", f"size mismatch: {path} (expected {e.size} bytes, got {size})"
-    got = sha256_file(path)
+    try:
+        got = sha256_file(path)
+    except OSError as err:
+        return "unreadable", f"cannot read model file {path}: {err.strerror or err}"
     if got != e.sha256:
         return "corrupt", f"checksum mismatch: {path} (expected {e.sha256}, got {got})"
     return None

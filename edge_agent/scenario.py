@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import subprocess
 from dataclasses import asdict, dataclass
@@ -16,6 +17,16 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from edge_agent.track import iou
+
+
+def shared_dir(given: str | None) -> Path:
+    """The folder with models/ and data/faces/ (MANIFEST.md's layout)."""
+    for cand in (given, os.environ.get("EDGE_AGENT_SHARED"), "../shared", "shared"):
+        if cand and (Path(cand) / "models").is_dir():
+            return Path(cand).resolve()
+    raise SystemExit("edge-agent: cannot find the shared folder; pass --shared DIR")
 
 
 @dataclass(frozen=True)
@@ -221,7 +232,8 @@ def evaluate(scn: Scenario, events: list[dict]) -> Score:
         best, best_iou = -1, 0.3
         for i, p in enumerate(scn.people):
             b = p.box(new["frame"])
-            if b is not None and (v := iou(b, new["box"])) > best_iou:
+            if b is not None and (v := float(iou(np.array([b]), np.array([new["box"]]))[0, 0])
+                                  ) > best_iou:
                 best, best_iou = i, v
         if best < 0:
             false_tracks += 1
@@ -242,11 +254,3 @@ def evaluate(scn: Scenario, events: list[dict]) -> Score:
                       if p.fully_visible(f, scn.width, scn.height)), p.start)
         score.latencies.append(evs[0]["frame"] - entry)
     return score
-
-
-def iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0

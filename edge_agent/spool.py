@@ -34,7 +34,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY, created REAL NOT NULL, payload TEXT NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0);
+INSERT OR IGNORE INTO meta VALUES ('last_seq', 0), ('dropped', 0), ('runs', 0);
 """
 
 
@@ -93,8 +93,15 @@ class Spool:
             db.execute("INSERT INTO events VALUES (?, ?, ?)", (seq, now, payload))
             db.execute("UPDATE meta SET value=? WHERE key='last_seq'", (seq,))
             dropped = self._trim(db, now, self._depth + 1)
-        self._depth += 1 - dropped
+            self._depth += 1 - dropped
         return seq
+
+    def new_run(self) -> int:
+        """A number no earlier start of the agent on this spool had: track ids stay unique
+        across restarts even on a Pi whose clock starts in 1970."""
+        with self._tx() as db:
+            db.execute("UPDATE meta SET value=value+1 WHERE key='runs'")
+            return int(db.execute("SELECT value FROM meta WHERE key='runs'").fetchone()[0])
 
     def _trim(self, db: sqlite3.Connection, now: float, depth: int) -> int:
         """Drop what is over the age or count bound, oldest first; return how many."""
@@ -125,8 +132,7 @@ class Spool:
     def ack(self, seq: int) -> None:
         """Forget a delivered event; unknown or already acked ``seq`` is a no-op."""
         with self._tx("NORMAL") as db:
-            deleted = db.execute("DELETE FROM events WHERE seq=?", (seq,)).rowcount
-        self._depth -= deleted
+            self._depth -= db.execute("DELETE FROM events WHERE seq=?", (seq,)).rowcount
 
     def depth(self) -> int:
         return self._depth

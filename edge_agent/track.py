@@ -1,7 +1,7 @@
 """Multi-face tracking between detector runs.
 
 Each face has a constant-velocity Kalman filter over (cx, cy, w, h) and their rates, with time in
-seconds from ``Frame.ts`` so that live sources that drop frames still predict the right distance.
+seconds from ``Frame.mono`` so that live sources that drop frames still predict the right distance.
 It is predicted every frame, corrected by the detection matched to it (optimal assignment on IoU,
 gated by centre distance) and, between detections, by sparse optical flow inside its box.
 """
@@ -33,6 +33,7 @@ _MAX_DT = 1.0  # a longer gap (reconnect) would fling boxes; tracks end on max_u
 _DEFAULT_DT = 0.04  # until two frames with distinct timestamps give the interval
 _MIN_PX = 2.0  # smallest box side: a shrinking prediction must not turn inside out
 _INVALID = 1e6
+_MAX_HIDDEN_RUNS = 2  # a crossing hides a face for a run or two; longer, it is a ghost
 
 _FLOW_WIDTH = 320  # flow runs on a grey copy this wide: faces stay >= ~10 px, pyramids stay cheap
 _FLOW_GRID = 4  # 4x4 points ...
@@ -64,8 +65,9 @@ class Track:
     confirmed: bool
     det_score: float  # score of the last matched detection
     detection: Detection | None  # the detection matched in the current frame, else None
-    last_det_ts: float = 0.0  # ends the track: flow alone must not keep a lost face alive
+    last_det_ts: float = 0.0  # Frame.mono of the last detection: flow alone keeps no face alive
     occluded: bool = False  # hidden behind another face at the last detector run
+    hidden_runs: int = 0  # detector runs in a row spent so: a false detection is no face
     kf: cv2.KalmanFilter = field(default_factory=_new_kf, repr=False)
 
 
@@ -93,7 +95,7 @@ class Tracker:
     def update(self, frame: Frame, detections: list[Detection] | None) -> list[Track]:
         """Advance one frame (`detections` is None on frames the detector skipped).
         Returns the confirmed tracks that ended in this step."""
-        self._advance(frame.ts)
+        self._advance(frame.mono)
         for t in self._live:
             t.detection = None
             t.occluded = False
@@ -106,7 +108,7 @@ class Tracker:
         new: list[Detection] = []
         if detections is not None:
             new = self._associate(detections, frame)
-        limit = frame.ts - self._cfg.max_unseen_s
+        limit = frame.mono - self._cfg.max_unseen_s
         gone = left + [t for t in self._live if t.last_det_ts < limit or (
             detections is not None and not t.confirmed and t.detection is None
             and not t.occluded)]
@@ -127,10 +129,10 @@ class Tracker:
             self._live.append(self._birth(d, frame))
         return [t for t in gone if t.confirmed]
 
-    def expire(self, ts: float) -> list[Track]:
-        """End tracks unseen since `ts - max_unseen_s` while no frames arrive (a stalled or
-        reconnecting stream); returns the confirmed ones."""
-        limit = ts - self._cfg.max_unseen_s
+    def expire(self, mono: float) -> list[Track]:
+        """End tracks unseen since `mono - max_unseen_s` (monotonic seconds) while no frames
+        arrive (a stalled or reconnecting stream); returns the confirmed ones."""
+        limit = mono - self._cfg.max_unseen_s
         gone = [t for t in self._live if t.last_det_ts < limit]
         if gone:
             self._live = [t for t in self._live if t not in gone]
@@ -177,7 +179,7 @@ class Tracker:
         x, y, w, h = d.box
         t = Track(id=self._next_id, box=d.box, first_frame=frame.index, last_frame=frame.index,
                   last_seen_ts=frame.ts, hits=1, confirmed=self._cfg.confirm_hits <= 1,
-                  det_score=d.score, detection=d, last_det_ts=frame.ts)
+                  det_score=d.score, detection=d, last_det_ts=frame.mono)
         self._next_id += 1
         state = np.array([x + w / 2, y + h / 2, w, h, 0, 0, 0, 0], np.float32)
         t.kf.statePost = state.reshape(8, 1)
@@ -199,31 +201,34 @@ class Tracker:
         tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
         tb = np.hstack([tc - tsz / 2, tsz])
         dc = db[:, :2] + db[:, 2:] / 2
-        iou = _iou(tb, db)
+        ious = iou(tb, db)
         dist = np.linalg.norm(tc[:, None] - dc[None], axis=2) / tsz.mean(1)[:, None]
         area = np.sqrt(np.prod(db[:, 2:], 1)[None] / np.prod(tsz, 1)[:, None])
         gate = np.array([_GATE_NEW if t.hits < 2 else _GATE_DIST for t in live])[:, None]
-        valid = (area > 0.5) & (area < 2) & ((iou >= self._cfg.match_iou) | (dist <= gate))
-        cost = np.where(valid, 1 - iou + dist, _INVALID)
+        valid = (area > 0.5) & (area < 2) & ((ious >= self._cfg.match_iou) | (dist <= gate))
+        cost = np.where(valid, 1 - ious + dist, _INVALID)
         pairs = [(i, j) for i, j in _hungarian(cost.tolist()) if valid[i, j]]
         matched = {i for i, _ in pairs}
         taken = [False] * len(dets)
         for i, j in pairs:
             taken[j] = True
-            hidden = [k for k in range(len(live)) if k not in matched and valid[k, j]]
-            if hidden:
+            hidden = [k for k in range(len(live)) if k not in matched and valid[k, j]
+                      and live[k].hidden_runs < _MAX_HIDDEN_RUNS]
+            if hidden and live[i].hidden_runs < _MAX_HIDDEN_RUNS:
                 for k in (i, *hidden):
-                    live[k].last_det_ts = frame.ts
+                    live[k].last_det_ts = frame.mono
                     live[k].occluded = True
+                    live[k].hidden_runs += 1
                 continue
             t, d = live[i], dets[j]
+            t.hidden_runs = 0
             x, y, w, h = d.box
             self._correct(t, (x + w / 2, y + h / 2, w, h), self._r_det)
             t.detection, t.det_score = d, d.score
             t.hits += 1
             t.confirmed = t.confirmed or t.hits >= self._cfg.confirm_hits
             t.last_frame, t.last_seen_ts = frame.index, frame.ts
-            t.last_det_ts = frame.ts
+            t.last_det_ts = frame.mono
         return [d for d, k in zip(dets, taken, strict=True) if not k]
 
     def _apply_flow(self, frame: Frame) -> None:
@@ -233,7 +238,7 @@ class Tracker:
         todo = [t for t in self._live if t.detection is None]
         if len(self._live) > 1 and todo:
             boxes = np.array([t.box for t in self._live])
-            overlap = _iou(boxes, boxes)
+            overlap = iou(boxes, boxes)
             np.fill_diagonal(overlap, 0)
             todo = [t for t, o in zip(self._live, overlap.max(1), strict=True)
                     if o <= 0 and t.detection is None]
@@ -305,7 +310,7 @@ class _Flow:
         return out
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU of x, y, w, h boxes, shape (len(a), len(b))."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, :2] + a[:, None, 2:], b[None, :, :2] + b[None, :, 2:])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from edge_agent.demo import free_port, start_mosquitto, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared")).resolve()
@@ -35,23 +35,6 @@ def faces_dir() -> Path:
     return FACES
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
-
-
 @dataclass
 class Broker:
     """A mosquitto on a loopback port that a test can stop and start again."""
@@ -62,15 +45,7 @@ class Broker:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence false\nlog_dest file {self.workdir / 'mosquitto.log'}\n"
-            + ("user root\n" if os.geteuid() == 0 else "")
-            + self.extra_conf
-        )
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)])
-        wait_port(self.port)
+        self.proc = start_mosquitto(self.workdir, self.port, self.extra_conf)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

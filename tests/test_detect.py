@@ -18,6 +18,7 @@ from edge_agent.detect import (
     YuNetDetector,
     make_detector,
 )
+from edge_agent.track import iou
 
 CROWD = "scenes/ulfd_1.jpg"
 CROWD_RANGE = (46, 56)
@@ -37,10 +38,7 @@ def _ref_boxes(faces_dir: Path) -> dict[str, list[tuple[float, ...]]]:
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    return float(iou(np.array([a]), np.array([b]))[0, 0])
 
 
 def _count_ok(file: str, n: int, expected: int) -> bool:

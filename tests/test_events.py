@@ -28,7 +28,7 @@ def track(confirmed: bool = True, frame: int = 10) -> Track:
 
 
 def frame(i: int) -> Frame:
-    return Frame(IMAGE, i, 1000.0 + i / 15)
+    return Frame(IMAGE, i, 1000.0 + i / 15, i / 15)
 
 
 def builder(classify: bool = True) -> EventBuilder:
@@ -49,6 +49,14 @@ def test_new_waits_for_a_chip_then_carries_every_contract_field() -> None:
     assert ev["gender"] == "male" and 0.9 < ev["gender_score"] <= 1.0
     assert abs(ev["age"] - 30) < 0.5 and ev["age_bucket"] == "25-34"
     assert ev["det_score"] == 0.93 and abs(ev["ts"] - (1000 + 10 / 15)) < 1e-3
+
+
+def test_box_is_clipped_to_the_frame() -> None:
+    b, t = builder(classify=False), track()
+    assert t.detection is not None
+    t.detection.box = (-6.0, 430.0, 80.0, 96.0)
+    ev = b.seen(t, frame(10), changed=False)
+    assert ev is not None and ev["box"] == [0, 430, 74, 50]
 
 
 def test_update_only_when_gender_or_bucket_changes() -> None:

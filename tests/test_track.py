@@ -31,7 +31,7 @@ def det(x: float, y: float, w: float = 60, h: float = 72, score: float = 0.9) ->
 
 def step(tr: Tracker, i: int, dets: list[Detection], image: np.ndarray = BLANK) -> list[Track]:
     """One frame; the detector only runs on every EVERY-th frame."""
-    return tr.update(Frame(image, i, ts(i)), dets if i % EVERY == 0 else None)
+    return tr.update(Frame(image, i, ts(i), ts(i)), dets if i % EVERY == 0 else None)
 
 
 def centre(box: tuple[float, float, float, float]) -> np.ndarray:
@@ -105,6 +105,18 @@ def test_hidden_face_keeps_its_id_while_crossing(
     assert hidden >= 1
     ids = {k: nearest(tr, b).id for k, b in boxes.items()}
     assert ids == {"A": 1, "B": 2} and len(tr.tracks) == 2
+
+
+def test_a_false_detection_beside_a_face_does_not_freeze_its_track() -> None:
+    tr = Tracker(TrackConfig(optical_flow=False))
+    matched = []
+    for i in range(200):
+        dets = [det(200, 100)] + ([det(250, 100)] if i == 20 else [])
+        step(tr, i, dets)
+        if i % EVERY == 0 and i > 40:
+            matched.append(tr.tracks[0].detection is not None)
+    assert [t.id for t in tr.tracks] == [1]
+    assert all(matched)
 
 
 def test_face_leaving_the_view_ends_at_once() -> None:
@@ -219,7 +231,7 @@ def test_prediction_uses_timestamps_when_frames_drop() -> None:
     for i in range(60):
         t_s += 0.04 * rng.choice([1, 1, 2, 3])
         box = (20 + 150 * t_s, 100.0, 60.0, 72.0)
-        tr.update(Frame(WIDE, i, 1000.0 + t_s), [det(*box)] if i % 3 == 0 else None)
+        tr.update(Frame(WIDE, i, 1000.0 + t_s, t_s), [det(*box)] if i % 3 == 0 else None)
         if i >= 15:
             errors.append(abs(tr.tracks[0].box[0] - box[0]))
     assert max(errors) < 2.0
@@ -281,3 +293,14 @@ def test_hungarian_is_optimal(shape: tuple[int, int]) -> None:
             best = min(sum(cost[i][j] for j, i in enumerate(p))
                        for p in itertools.permutations(range(n), m))
         assert sum(cost[i][j] for i, j in pairs) == pytest.approx(best)
+
+
+def test_setting_the_wall_clock_does_not_end_tracks() -> None:
+    # A Pi without a clock battery gets its time from NTP minutes after boot.
+    tr = Tracker(TrackConfig(optical_flow=False, max_unseen_s=1.0))
+    ended = []
+    for i in range(60):
+        wall = ts(i) + (3600.0 if i >= 30 else 0.0)
+        ended += tr.update(Frame(BLANK, i, wall, ts(i)), [det(200, 100)] if i % EVERY == 0
+                           else None)
+    assert ended == [] and [t.id for t in tr.tracks] == [1]

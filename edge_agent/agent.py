@@ -45,6 +45,9 @@ class Pipeline:
                                    cfg.classify.window, cfg.classify.enabled)
         self._publish = publish
         self.lost_events = 0
+        self.people_today = 0
+        self._today = time.localtime().tm_yday
+        self.last_face: dict[str, Any] = {}
         self.stats = LoopStats()
         self.every_n = cfg.detect.every_n_frames
         self._since_detect = self.every_n
@@ -111,6 +114,14 @@ class Pipeline:
     def publish(self, event: dict[str, Any]) -> None:
         """A spool that cannot take the event (disk full, card failing) must not stop the
         camera: count what is lost, say so now and then, carry on."""
+        if event["type"] == "new":
+            today = time.localtime().tm_yday
+            if today != self._today:
+                self._today, self.people_today = today, 0
+            self.people_today += 1
+        if event["type"] != "end" and event["gender"] is not None:
+            self.last_face = {"gender": event["gender"], "age": event["age"],
+                              "age_bucket": event["age_bucket"]}
         try:
             self._publish(event)
         except (OSError, sqlite3.Error, ValueError) as e:
@@ -197,7 +208,11 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "peak_rss_mb": round(memory.peak_mb, 1),
         "memory": memory.level.value,
         "memory_sheds": memory.sheds,
-        "tracks": sum(t.confirmed for t in pipe.tracker.tracks),
+        "tracks": sum(t.confirmed for t in pipe.tracker.tracks),  # faces in view
+        "people_today": pipe.people_today,
+        "last_gender": pipe.last_face.get("gender"),
+        "last_age": pipe.last_face.get("age"),
+        "last_age_bucket": pipe.last_face.get("age_bucket"),
         "source": source.state,
         "source_reconnects": source.reconnects,
         "source_error": source.last_error,

@@ -171,8 +171,10 @@ class TrackAttributes:
         """Whether a chip of this quality is worth classifying (cheap; call before predict).
 
         Each call is one offer of the window; after `window` offers the answer is always False.
+        A chip of quality 0 (a profile, the back of a head) is no offer: the model reads
+        nonsense into it (a young woman in profile came out as a 2-year-old).
         """
-        if self._offers >= self.window:
+        if self._offers >= self.window or quality <= 0.0:
             return False
         self._offers += 1
         return len(self._kept) < self.samples or quality > min(k[0] for k in self._kept)

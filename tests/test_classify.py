@@ -96,6 +96,12 @@ def test_track_attributes_window_and_samples() -> None:
     assert res is not None and res.samples == 2
 
 
+def test_track_attributes_ignore_profiles_without_spending_the_window() -> None:
+    ta = TrackAttributes(samples=1, window=2)
+    assert not any(ta.wants(0.0) for _ in range(10))
+    assert not ta.done and ta.wants(0.3) and ta.wants(0.5) and ta.done
+
+
 def test_track_attributes_keeps_the_best() -> None:
     ta = TrackAttributes(samples=2, window=10)
     ta.add(0.1, 0.01, _one_hot_age(70))

@@ -1,0 +1,66 @@
+"""The frame loop's pipeline on generated frames, without broker or process around it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+
+from edge_agent import config, scenario
+from edge_agent.agent import Pipeline
+from edge_agent.capture import Frame, open_source
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory, faces_dir: Path) -> list[Frame]:
+    scn = scenario.plan(faces_dir, people=3, seed=5)
+    clip = scenario.render(scn, faces_dir, tmp_path_factory.mktemp("agent") / "scene.mp4")
+    src = open_source(config.SourceConfig(uri=str(clip), realtime=False))
+    out = []
+    while (f := src.read(1.0)) is not None:
+        out.append(f)
+    return out
+
+
+def pipeline(models_dir: Path) -> tuple[Pipeline, list[dict[str, Any]]]:
+    cfg = config.from_dict({"source": {"uri": "x.mp4"}, "models": {"dir": str(models_dir)}})
+    events: list[dict[str, Any]] = []
+    return Pipeline(cfg, events.append, "7"), events
+
+
+def test_a_resolution_change_ends_open_tracks(frames: list[Frame], models_dir: Path) -> None:
+    pipe, events = pipeline(models_dir)
+    half = len(frames) // 2
+    for f in frames[:half]:
+        pipe.step(f)
+    open_ids = {e["track_id"] for e in events if e["type"] == "new"} - {
+        e["track_id"] for e in events if e["type"] == "end"}
+    assert open_ids, "the test needs faces in view at the switch"
+    n = len(events)
+    small = Frame(cv2.resize(frames[half].image, (320, 240)), half, frames[half].ts,
+                  frames[half].mono)
+    pipe.step(small)
+    assert {e["track_id"] for e in events[n:] if e["type"] == "end"} == open_ids
+    for f in frames[half + 1:]:
+        pipe.step(Frame(cv2.resize(f.image, (320, 240)), f.index, f.ts, f.mono))
+    pipe.finish()
+    later = [e for e in events[n:] if e["type"] == "new"]
+    assert later and all(e["frame_size"] == [320, 240] for e in later)
+    assert all(e["track_id"].startswith("7-") for e in events)
+
+
+def test_a_stalled_stream_ends_tracks_on_time(frames: list[Frame], models_dir: Path) -> None:
+    pipe, events = pipeline(models_dir)
+    half = len(frames) // 2
+    for f in frames[:half]:
+        pipe.step(f)
+    open_ids = {e["track_id"] for e in events if e["type"] == "new"} - {
+        e["track_id"] for e in events if e["type"] == "end"}
+    assert open_ids
+    last = frames[half - 1].mono
+    pipe.stalled(last + 0.5)
+    assert not any(e["type"] == "end" for e in events if e["track_id"] in open_ids)
+    pipe.stalled(last + 1.5)
+    assert {e["track_id"] for e in events if e["type"] == "end"} >= open_ids

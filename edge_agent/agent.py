@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -12,10 +14,10 @@ from typing import Any
 
 import cv2
 
-from edge_agent import models
+from edge_agent import config, models, service
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, face_quality
-from edge_agent.config import Config, ConfigError, topic_base
+from edge_agent.config import Config, ConfigError, SourceConfig, topic_base
 from edge_agent.detect import make_detector
 from edge_agent.events import EventBuilder
 from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.5  # how long the loop waits for a frame before it looks after health anyway
 SHED_FACTOR = 3  # under memory pressure the detector runs this many times less often
+STOP_DRAIN_S = 3.0  # a stop asked for (signal, memory ceiling) waits this long for acks at most
 
 
 class Pipeline:
@@ -137,34 +140,164 @@ class Pipeline:
         self._end(self.tracker.flush())
 
 
-def run(cfg: Config, stop: threading.Event | None = None) -> int:
+def run(cfg: Config, stop: threading.Event | None = None,
+        reload: threading.Event | None = None, config_path: str | None = None) -> int:
     """Run until the source ends, `stop` is set, or memory hits the ceiling; returns the exit
-    code (0, or 75 at the memory ceiling)."""
+    code (0, or 75 at the memory ceiling). Setting `reload` re-reads `config_path`."""
     stop = stop or threading.Event()
+    reload = reload or threading.Event()
     models.verify(cfg.models.dir, models.required_models(cfg.detect.backend,
                                                          cfg.classify.enabled))
+    svc = service.Service()
+    with contextlib.ExitStack() as cleanup:
+        agent = Agent(cfg, cleanup)
+        _await_source(agent.source, stop, cfg.source.open_timeout_s)
+        svc.ready(agent.status())
+        return _loop(agent, svc, stop, reload, config_path)
+
+
+def _open_source(cfg: SourceConfig, first_index: int = 0) -> FrameSource:
     try:
-        source = open_source(cfg.source)
+        source = open_source(cfg, first_index)
     except (OSError, ValueError) as e:
         raise ConfigError(f"source.uri: {e}") from None
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(source.close)
-        spool = Spool(cfg.spool)
-        cleanup.callback(spool.close)
-        publisher = Publisher(cfg.mqtt, topic_base(cfg), spool)
-        cleanup.callback(publisher.stop)
-        pipe = Pipeline(cfg, publisher.publish_event, str(spool.new_run()))
-        return _loop(cfg, stop, source, pipe, publisher, spool)
+    stall_after = os.environ.get(service.STALL_ENV)
+    if stall_after:
+        log.warning("test hook %s=%s: the frame loop will stall", service.STALL_ENV, stall_after)
+        return service.Stalling(source, float(stall_after))  # type: ignore[return-value]
+    return source
 
 
-def _loop(cfg: Config, stop: threading.Event, source: FrameSource, pipe: Pipeline,
-          publisher: Publisher, spool: Spool) -> int:
-    memory = MemoryGuard(cfg.memory)
-    log.info("running: source=%s detect every %d frames, broker %s:%d", cfg.source.uri,
-             cfg.detect.every_n_frames, cfg.mqtt.host, cfg.mqtt.port)
+def _await_source(source: FrameSource, stop: threading.Event, timeout: float) -> None:
+    """READY should mean "seeing", or "retrying and saying why": wait, bounded, for either."""
+    deadline = time.monotonic() + timeout
+    while (source.state == "connecting" and source.last_error is None
+           and time.monotonic() < deadline and not stop.wait(0.05)):
+        pass
+
+
+class Agent:
+    """What a configuration builds: source, spool, publisher, pipeline, memory guard. `reload`
+    rebuilds only what a new configuration changes; the spool, and so `seq`, always carries on."""
+
+    def __init__(self, cfg: Config, cleanup: contextlib.ExitStack) -> None:
+        self.cfg = cfg
+        self.source = _open_source(cfg.source)
+        cleanup.callback(lambda: self.source.close())
+        self.spool = Spool(cfg.spool)
+        cleanup.callback(self.spool.close)
+        self.publisher = Publisher(cfg.mqtt, topic_base(cfg), self.spool)
+        cleanup.callback(lambda: self.publisher.stop())
+        self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()))
+        self.memory = MemoryGuard(cfg.memory)
+
+    def publish(self, event: dict[str, Any]) -> None:
+        seq = self.publisher.publish_event(event)
+        if event["type"] != "update":
+            log.info("track %s: %s (seq %d)", event["track_id"], event["type"], seq,
+                     extra={"TRACK": event["track_id"], "EVENT": event["type"], "SEQ": seq})
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(self.pipe, self.source, self.memory, self.publisher, self.spool)
+
+    def status(self) -> str:
+        return service.status_line(self.snapshot())
+
+    def reload(self, path: str | None) -> None:
+        """Apply the configuration now in `path`; if it is invalid, keep running as before."""
+        if path is None:
+            return
+        try:
+            applied = self._apply(config.load(path))
+        except (ConfigError, models.ModelError, OSError, cv2.error) as e:
+            log.error("reload of %s failed, keeping the running configuration: %s", path, e,
+                      extra={"ERROR_KIND": "config"})
+            return
+        log.info("reloaded %s: %s", path, ", ".join(applied) if applied else "nothing changed")
+
+    def _apply(self, new: Config) -> list[str]:
+        old = self.cfg
+        changed = _changed_keys(old, new)
+        later = {k.split(".")[0] for k in changed} - RELOADABLE
+        if later:
+            log.warning("reload: %s take effect at the next start",
+                        ", ".join(sorted(k for k in changed if k.split(".")[0] in later)))
+            new = dataclasses.replace(new, **{name: getattr(old, name) for name in later})
+            changed = {k for k in changed if k.split(".")[0] not in later}
+        new_source = any(k.split(".")[0] == "source" for k in changed)
+        new_pipe = any(k.split(".")[0] in PIPELINE_KEYS and k not in LIVE_KEYS for k in changed)
+        new_publisher = any(k.split(".")[0] in PUBLISHER_KEYS and k not in LIVE_KEYS
+                            for k in changed)
+        if new_pipe:
+            models.verify(new.models.dir,
+                          models.required_models(new.detect.backend, new.classify.enabled))
+        with contextlib.ExitStack() as undo:
+            source, pipe = self.source, self.pipe
+            if new_source:
+                source = _open_source(new.source, self.source.next_index)
+                undo.callback(source.close)
+            if new_pipe:
+                pipe = Pipeline(new, self.publish, str(self.spool.new_run()))
+            if new_publisher:
+                self._replace_publisher(new)
+            undo.pop_all()
+        if new_source or new_pipe:
+            self.pipe.finish()  # a new camera or new models: tracks cannot carry over
+        if new_pipe:
+            for name in ("stats", "people_today", "last_face", "lost_events", "_today"):
+                setattr(pipe, name, getattr(self.pipe, name))
+        if new_source:
+            self.source.close()
+        self.source, self.pipe, self.cfg = source, pipe, new
+        self.memory.configure(new.memory)
+        service.update_logging(new.log_level, {"DEVICE": new.device_id, "CAMERA": new.camera})
+        return sorted(changed)
+
+    def _replace_publisher(self, new: Config) -> None:
+        """Old one first (it says `offline`), so two clients never share one client id."""
+        self.publisher.stop()
+        try:
+            self.publisher = Publisher(new.mqtt, topic_base(new), self.spool)
+        except ConfigError:
+            self.publisher = Publisher(self.cfg.mqtt, topic_base(self.cfg), self.spool)
+            raise
+
+
+# What a reload does with each changed key: applied in place, pipeline rebuilt (open tracks
+# end), publisher reconnected; keys outside RELOADABLE (spool.*) wait for the next start.
+LIVE_KEYS = frozenset({"log_level", "memory.ceiling_mb", "memory.soft_fraction",
+                       "memory.check_interval_s", "detect.every_n_frames",
+                       "mqtt.state_interval_s", "mqtt.drain_timeout_s"})
+PIPELINE_KEYS = frozenset({"device_id", "camera", "threads", "detect", "track", "classify",
+                           "models"})
+PUBLISHER_KEYS = frozenset({"device_id", "mqtt"})
+RELOADABLE = PIPELINE_KEYS | PUBLISHER_KEYS | {"source", "memory", "log_level"}
+
+
+def _changed_keys(old: Config, new: Config) -> set[str]:
+    """Dotted paths of the values that differ, e.g. {'detect.every_n_frames', 'camera'}."""
+    def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out |= flat(value, f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = value
+        return out
+
+    a, b = flat(old), flat(new)
+    return {k for k in a if a[k] != b[k]}
+
+
+def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: threading.Event,
+          config_path: str | None) -> int:
+    log.info("running: source=%s detect every %d frames, broker %s:%d", agent.cfg.source.uri,
+             agent.cfg.detect.every_n_frames, agent.cfg.mqtt.host, agent.cfg.mqtt.port)
     code = 0
     next_state = 0.0
     while not stop.is_set():
+        source, pipe, cfg = agent.source, agent.pipe, agent.cfg
         frame = source.read(READ_TIMEOUT_S)
         if frame is not None:
             pipe.step(frame)
@@ -173,22 +306,32 @@ def _loop(cfg: Config, stop: threading.Event, source: FrameSource, pipe: Pipelin
         else:
             pipe.stalled(time.monotonic())
         now = time.monotonic()
-        level = memory.check(now)
+        level = agent.memory.check(now)
         if level is Memory.CEILING:
             log.error("memory ceiling reached: rss %.0f MB >= %.0f MB; exiting with %d",
-                      memory.rss_mb, memory.ceiling_mb, EXIT_MEMORY_CEILING)
+                      agent.memory.rss_mb, agent.memory.ceiling_mb, EXIT_MEMORY_CEILING,
+                      extra={"ERROR_KIND": "memory_ceiling"})
             code = EXIT_MEMORY_CEILING
             break
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
         if now >= next_state:
             next_state = now + cfg.mqtt.state_interval_s
-            publisher.publish_state(snapshot(pipe, source, memory, publisher, spool))
-    pipe.finish()
-    publisher.publish_state(snapshot(pipe, source, memory, publisher, spool))
-    timeout = cfg.mqtt.drain_timeout_s if code == 0 else min(cfg.mqtt.drain_timeout_s, 2.0)
-    if not publisher.drain(timeout):
+            agent.publisher.publish_state(agent.snapshot())
+        svc.beat(now, source.state != "hung", agent.status)
+        if reload.is_set():
+            reload.clear()
+            svc.reloading()
+            agent.reload(config_path)
+            svc.ready(agent.status())
+    svc.stopping("memory ceiling reached, exiting to be restarted" if code else "stopping")
+    agent.pipe.finish()
+    agent.publisher.publish_state(agent.snapshot())
+    drain = agent.cfg.mqtt.drain_timeout_s
+    if code or stop.is_set():
+        drain = min(drain, STOP_DRAIN_S)
+    if not agent.publisher.drain(drain):
         log.warning("%d events not yet acknowledged; kept in the spool for the next start",
-                    spool.depth())
+                    agent.spool.depth())
     return code
 
 

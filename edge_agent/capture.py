@@ -9,8 +9,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import cv2
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 FFMPEG_CAPTURE_OPTIONS = "rtsp_transport;tcp|analyzeduration;200000|probesize;32768"
 _STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https")
 _CLOSE_JOIN_S = 1.0
+_T = TypeVar("_T")
+_MAX_STUCK_READERS = 3  # abandoned reader threads still inside a capture call, at most
+_ABANDON_GRACE_S = 0.5  # past a call's own timeout, before it is given up on
 _MAX_SKIP_S = 2.0
 
 
@@ -49,24 +53,29 @@ class FrameSource(Protocol):
 
     @property
     def state(self) -> str:
-        """'open', 'connecting', 'reconnecting' or 'finished' ('closed' after close()), for
-        health reports."""
+        """'open', 'connecting', 'reconnecting', 'hung' (live reads stuck beyond recovery) or
+        'finished' ('closed' after close()), for health reports."""
+
+    @property
+    def next_index(self) -> int:
+        """The `index` the next frame gets; a live source that replaces this one starts there."""
 
     def close(self) -> None: ...
 
 
-def open_source(cfg: SourceConfig) -> FrameSource:
+def open_source(cfg: SourceConfig, first_index: int = 0) -> FrameSource:
     """The source for `cfg.uri`: /dev/... is a V4L2 camera, rtsp/http(s) a stream, else a file.
 
     Files are checked here (FileNotFoundError / ValueError naming the path); live sources never
-    raise for a missing device or server, they keep retrying in the background.
+    raise for a missing device or server, they keep retrying in the background. A live source
+    numbers its frames from `first_index` (files number theirs by position in the file).
     """
     uri = cfg.uri
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if uri.startswith("/dev/"):
-        return CameraSource(cfg)
+        return CameraSource(cfg, first_index)
     if scheme in _STREAM_SCHEMES:
-        return StreamSource(cfg)
+        return StreamSource(cfg, first_index)
     if scheme == "file":
         return FileSource(cfg, unquote(uri[len("file://"):]))
     if scheme:
@@ -122,6 +131,10 @@ class FileSource:
         if self._cap is None and not self._finished:
             return "closed"
         return "finished" if self._finished else "open"
+
+    @property
+    def next_index(self) -> int:
+        return self._index
 
     def read(self, timeout: float) -> Frame | None:
         if self._finished or self._cap is None:
@@ -180,20 +193,29 @@ class FileSource:
 
 class _LiveSource:
     """Reads a live device on a daemon thread and keeps only its newest frame, so a consumer
-    slower than the camera always works on current video; reopens a lost device with back-off."""
+    slower than the camera always works on current video; reopens a lost device with back-off.
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    A capture call that blocks past its timeout (a driver or server that never answers, a
+    codec that ignores its own timeout) is not waited for: read() abandons that reader, whose
+    thread releases its capture if the call ever returns, and starts a fresh one. With
+    _MAX_STUCK_READERS threads still stuck the state is 'hung' until one of them comes back.
+    """
+
+    def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         self.cfg = cfg
         self.uri = _redact(cfg.uri)
         self.reconnects = 0  # times the stream was lost after it had delivered frames
         self.last_error: str | None = None
         self._state = "connecting"
         self._slot: Frame | None = None
-        self._count = 0
+        self._count = first_index
+        self._failures = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"capture:{self.uri}", daemon=True)
-        self._thread.start()
+        self._gen = 0  # the current reader's generation; older readers only clean up
+        self._blocked: tuple[float, float] | None = None  # current capture call: since, limit
+        self._stuck: list[threading.Thread] = []
+        self._thread: threading.Thread | None = self._start_reader()
 
     def _open(self) -> cv2.VideoCapture:
         """An opened capture, or OSError saying why not."""
@@ -207,7 +229,12 @@ class _LiveSource:
     def state(self) -> str:
         return self._state
 
+    @property
+    def next_index(self) -> int:
+        return self._count
+
     def read(self, timeout: float) -> Frame | None:
+        self._supervise(time.monotonic())
         with self._cond:
             self._cond.wait_for(lambda: self._slot is not None or self._stop.is_set(), timeout)
             frame, self._slot = self._slot, None
@@ -220,50 +247,100 @@ class _LiveSource:
         with self._cond:
             self._state, self._slot = "closed", None
             self._cond.notify_all()
-        self._thread.join(_CLOSE_JOIN_S)
+        if self._thread is not None:
+            self._thread.join(_CLOSE_JOIN_S)
 
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
+    def _start_reader(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, args=(self._gen,), name=f"capture:{self.uri}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _supervise(self, now: float) -> None:
+        """On the consumer's thread: abandon a reader stuck in a capture call, start another."""
+        error = None
+        with self._cond:
+            if self._stop.is_set():
+                return
+            blocked = self._blocked
+            if self._thread is not None and blocked and now - blocked[0] > blocked[1]:
+                self._gen += 1
+                self._blocked = None
+                self._stuck.append(self._thread)
+                self._thread = None
+                error = f"capture call blocked for more than {blocked[1]:.1f} s"
+        if error:
+            self._failed(error)
+        if self._thread is not None:
+            return
+        self._stuck = [t for t in self._stuck if t.is_alive()]
+        if len(self._stuck) < _MAX_STUCK_READERS:
+            with self._cond:
+                if self._state == "hung":
+                    self._state = "reconnecting"
+            self._thread = self._start_reader()
+        elif self._state != "hung":
+            with self._cond:
+                self._state = "hung"
+            log.error("%s: %d capture threads stuck in the driver or codec; not opening "
+                      "another until one returns", self.uri, len(self._stuck))
+
+    def _current(self, gen: int) -> bool:
+        return gen == self._gen and not self._stop.is_set()
+
+    def _call(self, gen: int, limit: float, fn: Callable[[], _T]) -> _T:
+        """fn(), with its start and time limit published for _supervise."""
+        with self._cond:
+            if gen == self._gen:
+                self._blocked = (time.monotonic(), limit)
+        try:
+            return fn()
+        finally:
+            with self._cond:
+                if gen == self._gen:
+                    self._blocked = None
+
+    def _run(self, gen: int) -> None:
+        cfg = self.cfg
+        while self._current(gen):
             try:
-                cap = self._open()
+                cap = self._call(gen, cfg.open_timeout_s + cfg.read_timeout_s, self._open)
             except (OSError, cv2.error) as e:
                 error = str(e)
             else:
                 try:
-                    delivered, error = self._pump(cap)
+                    delivered, error = self._pump(gen, cap)
                 finally:
                     cap.release()
                 if delivered:
-                    failures = 0
-            if self._stop.is_set():
+                    self._failures = 0
+            if not self._current(gen):
                 break
             self._failed(error)
-            delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2 ** min(failures, 30))
-            failures += 1
-            self._stop.wait(random.uniform(max(self.cfg.reconnect_min_s, delay / 2), delay))
+            delay = min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2 ** min(self._failures, 30))
+            self._failures += 1
+            self._stop.wait(random.uniform(max(cfg.reconnect_min_s, delay / 2), delay))
 
-    def _pump(self, cap: cv2.VideoCapture) -> tuple[bool, str]:
+    def _pump(self, gen: int, cap: cv2.VideoCapture) -> tuple[bool, str]:
         """Hand frames over until the device fails; returns (any frame delivered, why it ended)."""
         delivered = False
-        while not self._stop.is_set():
+        while self._current(gen):
             started = time.monotonic()
             try:
-                ok, image = cap.read()
+                ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S, cap.read)
             except cv2.error as e:
                 return delivered, f"read failed: {e}"
+            waited = time.monotonic() - started
+            if waited >= self.cfg.read_timeout_s:  # FFmpeg may still hand back a stale frame
+                return delivered, f"no frame for {waited:.1f} s"
             if not ok or image is None:
-                waited = time.monotonic() - started
-                if waited >= self.cfg.read_timeout_s:
-                    return delivered, f"no frame for {waited:.1f} s"
                 return delivered, "stream ended or read failed"
-            frame = Frame(image, self._count, time.time(), time.monotonic())
-            self._count += 1
-            delivered = True
             with self._cond:
-                if self._stop.is_set():
+                if not self._current(gen):
                     break
-                self._slot = frame
+                self._slot = Frame(image, self._count, time.time(), time.monotonic())
+                self._count += 1
+                delivered = True
                 if self._state != "open":
                     log.info("%s: open (%dx%d)", self.uri, image.shape[1], image.shape[0])
                     self._state = "open"
@@ -284,13 +361,13 @@ class _LiveSource:
 class CameraSource(_LiveSource):
     """A V4L2 camera; width/height/fps/fourcc from the config are requested at each open."""
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         # The V4L2 backend otherwise waits 10 s for a frame from a stalled camera; it reads
         # this once per process, so the first camera's read_timeout_s wins.
         os.environ.setdefault(
             "OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT", str(max(1, math.ceil(cfg.read_timeout_s)))
         )
-        super().__init__(cfg)
+        super().__init__(cfg, first_index)
 
     def _open(self) -> cv2.VideoCapture:
         path, cfg = self.cfg.uri, self.cfg
@@ -315,9 +392,9 @@ class StreamSource(_LiveSource):
     """An RTSP or HTTP(S) MJPEG stream through FFmpeg, with open and read timeouts so that a
     dead or hung server cannot block the reader."""
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", FFMPEG_CAPTURE_OPTIONS)
-        super().__init__(cfg)
+        super().__init__(cfg, first_index)
 
     def _open(self) -> cv2.VideoCapture:
         params = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -70,14 +71,18 @@ def _setup_logging(level: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge_agent import agent
+    """SIGTERM/SIGINT stop cleanly, SIGHUP reloads the file; a watchdog's SIGABRT dumps every
+    thread's stack (faulthandler) into the log, which shows where the loop hung."""
+    from edge_agent import agent, service
 
     cfg = config.load(args.config)
-    _setup_logging(cfg.log_level)
-    stop = threading.Event()
+    service.setup_logging(cfg.log_level, {"DEVICE": cfg.device_id, "CAMERA": cfg.camera})
+    faulthandler.enable()
+    stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return agent.run(cfg, stop)
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    return agent.run(cfg, stop, reload, args.config)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ class SourceConfig:
     open_timeout_s: float = _opt(5.0, min=0.1)
     read_timeout_s: float = _opt(5.0, min=0.1)
     reconnect_min_s: float = _opt(0.5, min=0.01)
-    reconnect_max_s: float = _opt(30.0, min=0.01)
+    reconnect_max_s: float = _opt(2.0, min=0.01)  # a stream that is back is read within ~3 s
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,14 @@ class MqttConfig:
     keepalive_s: int = _opt(30, min=5)
     username: str | None = None
     password_file: str | None = None
+    password_credential: str = "mqtt-password"
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
     state_interval_s: float = _opt(10.0, min=0.5)
     drain_timeout_s: float = _opt(10.0, min=0.0)
     max_inflight: int = _opt(20, min=1, max=1000)
@@ -259,6 +267,7 @@ def _check_semantics(cfg: Config) -> None:
     if not prefix or prefix.startswith("/") or prefix.endswith("/") or set("#+\0") & set(prefix):
         raise ConfigError(f"mqtt.topic_prefix: expected topic levels without '#', '+' or a "
                           f"leading or trailing '/', got {prefix!r}")
+    _check_mqtt(cfg.mqtt)
     if not cfg.camera:
         raise ConfigError("camera: expected a non-empty label, got ''")
     for section in ("source", "mqtt"):
@@ -271,6 +280,25 @@ def _check_semantics(cfg: Config) -> None:
             f"classify.window: expected an integer >= classify.samples ({cfg.classify.samples}), "
             f"got {cfg.classify.window}"
         )
+
+
+def _check_mqtt(m: MqttConfig) -> None:
+    """Combinations the per-key checks cannot see."""
+    p = m.discovery_prefix
+    if not p or p.startswith("/") or p.endswith("/") or set("#+\0") & set(p):
+        raise ConfigError(f"mqtt.discovery_prefix: expected topic levels without '#', '+' or a "
+                          f"leading or trailing '/', got {p!r}")
+    if m.password_credential in ("", ".", "..") or "/" in m.password_credential:
+        raise ConfigError(f"mqtt.password_credential: expected a credential (file) name, "
+                          f"got {m.password_credential!r}")
+    if bool(m.cert_file) != bool(m.key_file):
+        have, missing = ("cert_file", "key_file") if m.cert_file else ("key_file", "cert_file")
+        raise ConfigError(f"mqtt.{missing}: expected a file to go with mqtt.{have} "
+                          f"(a client certificate needs its key), got nothing")
+    if not m.tls:
+        for key in ("ca_file", "cert_file", "key_file", "tls_insecure"):
+            if getattr(m, key):
+                raise ConfigError(f"mqtt.tls: expected true when mqtt.{key} is set, got false")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:
@@ -286,7 +314,9 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         source=dataclasses.replace(src, uri=uri),
         models=dataclasses.replace(cfg.models, dir=rel(cfg.models.dir) or cfg.models.dir),
         spool=dataclasses.replace(cfg.spool, path=rel(cfg.spool.path) or cfg.spool.path),
-        mqtt=dataclasses.replace(cfg.mqtt, password_file=rel(cfg.mqtt.password_file)),
+        mqtt=dataclasses.replace(cfg.mqtt, password_file=rel(cfg.mqtt.password_file),
+                                 ca_file=rel(cfg.mqtt.ca_file), cert_file=rel(cfg.mqtt.cert_file),
+                                 key_file=rel(cfg.mqtt.key_file)),
     )
 
 

@@ -30,14 +30,18 @@ class MemoryGuard:
     """Soft threshold: shed work. Ceiling: leave cleanly so systemd restarts a fresh process."""
 
     def __init__(self, cfg: MemoryConfig) -> None:
-        self.ceiling_mb = cfg.ceiling_mb
-        self.soft_mb = cfg.ceiling_mb * cfg.soft_fraction
-        self.interval = cfg.check_interval_s
+        self.configure(cfg)
         self.rss_mb = rss_mb()
         self.peak_mb = self.rss_mb
         self.level = Memory.OK
         self.sheds = 0
         self._next = 0.0
+
+    def configure(self, cfg: MemoryConfig) -> None:
+        """New limits (on reload); the readings and counters carry on."""
+        self.ceiling_mb = cfg.ceiling_mb
+        self.soft_mb = cfg.ceiling_mb * cfg.soft_fraction
+        self.interval = cfg.check_interval_s
 
     def check(self, now: float) -> Memory:
         if now < self._next:

@@ -1,7 +1,12 @@
 """MQTT delivery: the spool drained to the broker in order, at least once, never blocking.
 
 Topics under ``T = base_topic``: ``T/events`` (QoS 1), ``T/status`` (retained ``online`` /
-``offline``, the latter also the Last Will) and ``T/state`` (retained health snapshot).
+``offline``, the latter also the Last Will) and ``T/state`` (retained health snapshot), plus
+Home Assistant discovery (edge_agent/discovery.py). docs/mqtt.md describes them all.
+
+Security: TLS with a CA file (or the system's CAs), optional client certificate and key, the
+broker's host name checked unless ``mqtt.tls_insecure``; the password comes from a private file,
+a systemd credential or the environment, never from the YAML. The agent only connects out.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ import json
 import logging
 import os
 import queue
+import ssl
+import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,27 +26,79 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from edge_agent import discovery
 from edge_agent.config import ConfigError, MqttConfig
 from edge_agent.spool import Spool
 
 log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 _RESERVE = 8  # paho queue slots that events may not take: status and state must still fit
+_AUTH_REFUSALS = {134, 135}  # bad user name or password, not authorized
 
 
 def _compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _password(cfg: MqttConfig) -> str | None:
-    if not cfg.password_file:
-        return os.environ.get(PASSWORD_ENV)
+def _private(path: str, key: str) -> None:
+    """A secret that every local user can read is no secret: refuse it rather than use it."""
     try:
-        return Path(cfg.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        mode = os.stat(path).st_mode
     except OSError as e:
-        raise ConfigError(
-            f"mqtt.password_file: cannot read {cfg.password_file}: {e.strerror or e}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(f"{key}: {path} is readable by every user (mode "
+                          f"{stat.S_IMODE(mode):04o}); run chmod 600 (or 640 for the agent's "
+                          f"group) on it")
+
+
+def _read_secret(path: Path | str, key: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {getattr(e, 'strerror', None) or e}"
+                          ) from None
+
+
+def password(cfg: MqttConfig) -> tuple[str | None, str]:
+    """The broker password and where it came from: ``mqtt.password_file``, else the systemd
+    credential ``$CREDENTIALS_DIRECTORY/{mqtt.password_credential}``, else the environment
+    variable. Never the YAML, which is often world-readable or kept in version control."""
+    if cfg.password_file:
+        _private(cfg.password_file, "mqtt.password_file")
+        return _read_secret(cfg.password_file, "mqtt.password_file"), "mqtt.password_file"
+    creds = os.environ.get(CREDENTIALS_ENV)
+    if creds and (Path(creds) / cfg.password_credential).is_file():
+        return (_read_secret(Path(creds) / cfg.password_credential, "mqtt.password_credential"),
+                f"systemd credential {cfg.password_credential}")
+    if PASSWORD_ENV in os.environ:
+        return os.environ[PASSWORD_ENV], PASSWORD_ENV
+    return None, "nowhere"
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """Verify the broker against ``mqtt.ca_file`` (or the system's CAs) and its host name
+    unless ``mqtt.tls_insecure``; present a client certificate for mutual TLS if configured."""
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"mqtt.{key}: cannot read {path}")
+    if cfg.key_file:
+        _private(cfg.key_file, "mqtt.key_file")
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ca_file)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"mqtt.ca_file: not a usable CA certificate: {e}") from None
+    if cfg.cert_file:
+        try:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password="")
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"mqtt.cert_file: cannot use {cfg.cert_file} with mqtt.key_file "
+                              f"{cfg.key_file} (PEM, key not encrypted): {e}") from None
+    ctx.check_hostname = not cfg.tls_insecure
+    return ctx
 
 
 class Publisher:
@@ -49,14 +109,23 @@ class Publisher:
     takes, so callbacks only queue and wake, and nothing waits on a lock across a paho call.
     Each (re)connect restarts from the oldest unacknowledged event: order is kept, and what
     was in flight is sent again (paho also resends its own copies: duplicates, never gaps).
+    Home Assistant discovery is sent by the sender thread too, whenever a callback asks.
     """
 
-    def __init__(self, cfg: MqttConfig, base_topic: str, spool: Spool) -> None:
+    def __init__(self, cfg: MqttConfig, base_topic: str, spool: Spool,
+                 device_id: str | None = None) -> None:
         self._cfg = cfg
         self._spool = spool
         self._t_events = f"{base_topic}/events"
         self._t_status = f"{base_topic}/status"
         self._t_state = f"{base_topic}/state"
+        self._t_ha_status = f"{cfg.discovery_prefix}/status"
+        device_id = device_id or base_topic.rsplit("/", 1)[-1]
+        self._discovery = (discovery.messages(cfg.discovery_prefix, base_topic, device_id)
+                           if cfg.discovery else [])
+        self._discovery_asked = 0  # bumped by callbacks
+        self._discovery_sent = 0  # sender thread only
+        self._failures = 0  # connection attempts failed in a row
         self._window = cfg.max_inflight
         self._queue_max = 2 * self._window + _RESERVE
         self._inflight: dict[int, int] = {}  # sender thread only
@@ -80,15 +149,23 @@ class Publisher:
         c.max_queued_messages_set(self._queue_max)
         c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         c.will_set(self._t_status, "offline", qos=1, retain=True)
-        password = _password(cfg)
+        if cfg.tls:
+            c.tls_set_context(tls_context(cfg))
+            c.tls_insecure_set(cfg.tls_insecure)
+            if cfg.tls_insecure:
+                log.warning("mqtt.tls_insecure: the broker's host name is not checked")
+        secret, source = password(cfg)
         if cfg.username:
-            c.username_pw_set(cfg.username, password)
-        elif password:
-            log.warning("mqtt: a password is set but no mqtt.username; connecting without both")
+            c.username_pw_set(cfg.username, secret)
+            log.info("mqtt user %s, password from %s", cfg.username, source)
+        elif secret is not None:
+            log.warning("mqtt: a password is set (%s) but no mqtt.username; connecting "
+                        "without both", source)
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_message = self._on_message
         self._client = c
         self._sender = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
         self._sender.start()
@@ -172,9 +249,11 @@ class Publisher:
         if current != session:
             self._inflight.clear()
             self._cursor = 0
+        if not self._connected or self._stopping or not self._send_discovery():
+            return current
         room = min(self._window - len(self._inflight),
                    self._queue_max - _RESERVE - self._outstanding)
-        if not self._connected or self._stopping or room <= 0:
+        if room <= 0:
             return current
         for seq, payload in self._spool.pending(self._cursor, room):
             info = self._send(self._t_events, payload)
@@ -184,8 +263,23 @@ class Publisher:
             self._cursor = seq
         return current
 
+    def _send_discovery(self) -> bool:
+        """Send the discovery configs if asked since the last time; False while they wait for
+        room in paho's queue (events then wait too, so that room comes)."""
+        asked = self._discovery_asked
+        if asked == self._discovery_sent or not self._discovery:
+            return True
+        if self._queue_max - self._outstanding < len(self._discovery) + _RESERVE // 2:
+            return False
+        for topic, payload in self._discovery:
+            if self._send(topic, payload, retain=True).rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return False
+        self._discovery_sent = asked
+        return True
+
     def _apply_acks(self) -> None:
-        while True:
+        done: list[int] = []
+        while len(done) < 10 * self._window:
             try:
                 mid, failed = self._acks.get_nowait()
             except queue.Empty:
@@ -196,33 +290,62 @@ class Publisher:
             if failed and not self._warned_rejects:
                 self._warned_rejects = True
                 log.warning("mqtt broker rejected event seq %d; not retried", seq)
-            self._spool.ack(seq)
+            done.append(seq)
+        if done:
+            self._spool.ack_many(done)
+            if not self._acks.empty():
+                self._wake.set()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
         if reason.is_failure:
-            log.error("mqtt %s:%d refused the connection: %s; retrying with back-off",
-                      self._cfg.host, self._cfg.port, reason)
+            hint = (" (check mqtt.username and the password)"
+                    if reason.value in _AUTH_REFUSALS else "")
+            log.error("mqtt %s:%d refused the connection: %s%s; retrying in %.1f s",
+                      self._cfg.host, self._cfg.port, reason, hint, self._next_delay())
             return
+        self._failures = 0
         self._send(self._t_status, "online", retain=True)
+        if self._discovery:
+            client.subscribe(self._t_ha_status, qos=1)
+            self._discovery_asked += 1
         if self._session:
             self._reconnects += 1
         self._session += 1
         self._connected = True
         self._warned_rejects = False
-        log.info("mqtt connected to %s:%d", self._cfg.host, self._cfg.port)
+        log.info("mqtt connected to %s:%d%s", self._cfg.host, self._cfg.port,
+                 " (TLS)" if self._cfg.tls else "")
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        log.warning("mqtt cannot reach %s:%d; retrying with back-off",
-                    self._cfg.host, self._cfg.port)
+        """paho calls this inside its ``except OSError``: the exception says why (refused,
+        unreachable, TLS certificate or host name)."""
+        err = sys.exception()
+        what = "TLS handshake failed" if isinstance(err, ssl.SSLError) else "cannot connect"
+        log.warning("mqtt %s:%d %s: %s; retrying in %.1f s", self._cfg.host, self._cfg.port,
+                    what, err or "unknown error", self._next_delay())
+
+    def _next_delay(self) -> float:
+        """paho's wait before the next attempt: min, doubling per failure, up to max."""
+        self._failures += 1
+        return min(self._cfg.reconnect_min_s * 2 ** min(self._failures - 1, 30),
+                   self._cfg.reconnect_max_s)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """Home Assistant (re)started: resend discovery. A retained ``online`` is only the
+        broker replaying it on our subscribe, already covered by the connect."""
+        if msg.topic == self._t_ha_status and msg.payload == b"online" and not msg.retain:
+            self._discovery_asked += 1
+            self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         was, self._connected = self._connected, False
         if was and not self._stopping:
-            log.warning("mqtt connection to %s:%d lost: %s", self._cfg.host, self._cfg.port,
-                        reason)
+            log.warning("mqtt connection to %s:%d lost: %s; reconnecting in %.1f s",
+                        self._cfg.host, self._cfg.port, reason, self._cfg.reconnect_min_s)
+            self._failures = 1  # paho waits reconnect_min_s before its first attempt
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,

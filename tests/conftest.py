@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +96,21 @@ class RtspServer:
             code = self.proc.wait(5)
         self.proc = None
         return code
+
+
+EVENT_SCHEMA = REPO / "docs" / "event.schema.json"
+
+
+@functools.cache
+def _event_validator() -> Any:
+    import jsonschema
+
+    schema = json.loads(EVENT_SCHEMA.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def event_errors(event: Any) -> list[str]:
+    """Why `event` breaks docs/event.schema.json (CONTRACT.md's face event); [] if it is fine."""
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(event)'}: {e.message}"
+            for e in _event_validator().iter_errors(event)]

@@ -15,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import Broker, RtspServer, free_port
+from conftest import Broker, RtspServer, event_errors, free_port
 
 from edge_agent import scenario
 
@@ -38,6 +38,7 @@ class Recorder:
         self.events: list[dict[str, Any]] = []
         self.retained: dict[str, str] = {}
         self.status: list[str] = []
+        self.invalid: list[str] = []  # events that break docs/event.schema.json
         self.got = threading.Condition()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-recorder")
         self.client.on_message = self._on_message
@@ -50,6 +51,7 @@ class Recorder:
         with self.got:
             if msg.topic.endswith("/events"):
                 self.events.append(json.loads(text))
+                self.invalid += [f"{text}: {e}" for e in event_errors(self.events[-1])]
             elif msg.topic.endswith("/status"):
                 self.status.append(text)
             if msg.retain or not msg.topic.endswith("/events"):
@@ -63,6 +65,8 @@ class Recorder:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+        assert not self.invalid, "events not matching docs/event.schema.json:\n" + "\n".join(
+            self.invalid[:5])
 
 
 def agent_config(tmp_path: Path, models_dir: Path, port: int, uri: str, **source: Any) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -71,17 +70,104 @@ def test_count_bound_drops_oldest_and_counts_durably(tmp_path: Path) -> None:
     s.close()
 
 
-def test_age_bound_drops_old_events(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1_000_000.0]
-    monkeypatch.setattr(time, "time", lambda: now[0])
-    s = open_spool(tmp_path, max_age_s=60.0)
+class Clocks:
+    """A settable wall clock and monotonic clock, as a Pi sees them."""
+
+    def __init__(self, wall: float, mono: float = 1000.0) -> None:
+        self.wall, self.mono = wall, mono
+
+    def advance(self, s: float) -> None:
+        self.wall += s
+        self.mono += s
+
+    def spool(self, tmp_path: Path, **kw: object) -> Spool:
+        return Spool(SpoolConfig(path=str(tmp_path / "spool.db"), **kw),  # type: ignore[arg-type]
+                     wall=lambda: self.wall, mono=lambda: self.mono)
+
+
+SYNCED = 1_750_000_000.0  # a wall clock NTP has set
+
+
+def seqs(s: Spool) -> list[int]:
+    return [q for q, _ in s.pending(0, 1000)]
+
+
+def test_age_bound_drops_old_events(tmp_path: Path) -> None:
+    c = Clocks(SYNCED)
+    s = c.spool(tmp_path, max_age_s=60.0)
     s.append({"i": 1})
     s.append({"i": 2})
-    now[0] += 30
+    c.advance(30)
     s.append({"i": 3})
-    now[0] += 31
+    c.advance(31)
     s.append({"i": 4})
-    assert [q for q, _ in s.pending(0, 10)] == [3, 4] and s.dropped() == 2 and s.depth() == 2
+    assert seqs(s) == [3, 4] and s.dropped() == 2 and s.depth() == 2
+    s.close()
+
+
+def test_clock_step_from_1970_drops_nothing(tmp_path: Path) -> None:
+    """No RTC: the Pi boots at 1970 + uptime; NTP then steps the clock by 55 years."""
+    c = Clocks(wall=40.0)
+    s = c.spool(tmp_path, max_age_s=3600.0)
+    for _ in range(3):
+        c.advance(10)
+        s.append({})
+    c.wall = SYNCED
+    c.advance(10)
+    s.append({})
+    assert seqs(s) == [1, 2, 3, 4] and s.dropped() == 0
+    s.close()
+    c.mono = 5.0  # rebooted, 1970 again, with the spool written partly before and after the step
+    c.wall = 30.0
+    s = c.spool(tmp_path, max_age_s=3600.0)
+    s.append({})
+    c.wall = SYNCED + 86400.0  # stepped during this run
+    s.append({})
+    assert seqs(s) == [1, 2, 3, 4, 5, 6] and s.dropped() == 0
+    c.advance(3595.0)  # run time counts: 1-3 have now waited 3605-3625 s, 4 only 3595 s
+    s.append({})
+    assert seqs(s) == [4, 5, 6, 7] and s.dropped() == 3
+    s.close()
+
+
+def test_clock_step_backwards_drops_nothing_and_keeps_order(tmp_path: Path) -> None:
+    c = Clocks(SYNCED + 10 * 86400.0)  # an RTC that ran fast, corrected by NTP
+    s = c.spool(tmp_path, max_age_s=120.0)
+    s.append({})
+    c.wall -= 10 * 86400.0
+    c.advance(60)
+    s.append({})
+    s.close()
+    c.advance(30)  # a restart with the wall clock now behind the spool's last write
+    s = c.spool(tmp_path, max_age_s=120.0)
+    s.append({})
+    assert seqs(s) == [1, 2, 3] and s.dropped() == 0
+    c.advance(40)
+    s.append({})
+    assert seqs(s) == [2, 3, 4] and s.dropped() == 1
+    s.close()
+
+
+def test_downtime_counts_when_the_clock_is_plausible(tmp_path: Path) -> None:
+    c = Clocks(SYNCED)
+    s = c.spool(tmp_path, max_age_s=3600.0)
+    s.append({})
+    s.append({})
+    s.close()
+    c.wall += 7200.0  # off for two hours, with an RTC: the backlog aged meanwhile
+    c.mono = 3.0
+    s = c.spool(tmp_path, max_age_s=3600.0)
+    assert s.depth() == 0 and s.dropped() == 2 and s.append({}) == 3
+    s.close()
+
+
+def test_ack_many_in_one_transaction(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    for _ in range(10):
+        s.append({})
+    s.ack_many([1, 2, 3, 3, 42])
+    s.ack_many(iter([]))
+    assert s.depth() == 7 and seqs(s) == list(range(4, 11))
     s.close()
 
 

@@ -30,14 +30,21 @@ def pipeline(models_dir: Path) -> tuple[Pipeline, list[dict[str, Any]]]:
     return Pipeline(cfg, events.append, "7"), events
 
 
-def test_a_resolution_change_ends_open_tracks(frames: list[Frame], models_dir: Path) -> None:
+def first_half(frames: list[Frame], models_dir: Path
+               ) -> tuple[Pipeline, list[dict[str, Any]], set[str]]:
+    """A pipeline fed half the scene, its events, and the tracks open at that point."""
     pipe, events = pipeline(models_dir)
-    half = len(frames) // 2
-    for f in frames[:half]:
+    for f in frames[:len(frames) // 2]:
         pipe.step(f)
     open_ids = {e["track_id"] for e in events if e["type"] == "new"} - {
         e["track_id"] for e in events if e["type"] == "end"}
-    assert open_ids, "the test needs faces in view at the switch"
+    assert open_ids, "the test needs faces in view half way"
+    return pipe, events, open_ids
+
+
+def test_a_resolution_change_ends_open_tracks(frames: list[Frame], models_dir: Path) -> None:
+    pipe, events, open_ids = first_half(frames, models_dir)
+    half = len(frames) // 2
     n = len(events)
     small = Frame(cv2.resize(frames[half].image, (320, 240)), half, frames[half].ts,
                   frames[half].mono)
@@ -52,14 +59,8 @@ def test_a_resolution_change_ends_open_tracks(frames: list[Frame], models_dir: P
 
 
 def test_a_stalled_stream_ends_tracks_on_time(frames: list[Frame], models_dir: Path) -> None:
-    pipe, events = pipeline(models_dir)
-    half = len(frames) // 2
-    for f in frames[:half]:
-        pipe.step(f)
-    open_ids = {e["track_id"] for e in events if e["type"] == "new"} - {
-        e["track_id"] for e in events if e["type"] == "end"}
-    assert open_ids
-    last = frames[half - 1].mono
+    pipe, events, open_ids = first_half(frames, models_dir)
+    last = frames[len(frames) // 2 - 1].mono
     pipe.stalled(last + 0.5)
     assert not any(e["type"] == "end" for e in events if e["track_id"] in open_ids)
     pipe.stalled(last + 1.5)

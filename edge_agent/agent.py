@@ -14,7 +14,7 @@ from typing import Any
 
 import cv2
 
-from edge_agent import config, models, service
+from edge_agent import config, models, mqtt, service
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, face_quality
 from edge_agent.config import Config, ConfigError, SourceConfig, topic_base
@@ -254,7 +254,11 @@ class Agent:
         return sorted(changed)
 
     def _replace_publisher(self, new: Config) -> None:
-        """Old one first (it says `offline`), so two clients never share one client id."""
+        """Old one first (it says `offline`), so two clients never share one client id; the new
+        one's local files (password, TLS) are checked before the old one goes."""
+        mqtt.password(new.mqtt)
+        if new.mqtt.tls:
+            mqtt.tls_context(new.mqtt)
         self.publisher.stop()
         try:
             self.publisher = Publisher(new.mqtt, topic_base(new), self.spool)

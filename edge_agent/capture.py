@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -271,8 +272,11 @@ class _LiveSource:
                 error = f"capture call blocked for more than {blocked[1]:.1f} s"
         if error:
             self._failed(error)
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
+        if self._thread is not None:  # died of an error nobody expected: a silent dead camera
+            log.error("%s: capture thread died; starting another", self.uri)
+            self._thread = None
         self._stuck = [t for t in self._stuck if t.is_alive()]
         if len(self._stuck) < _MAX_STUCK_READERS:
             with self._cond:
@@ -353,7 +357,7 @@ class _LiveSource:
                 self.reconnects += 1
                 self._state = "reconnecting"
                 log.warning("%s: lost (%s), reconnecting", self.uri, error)
-            elif error != self.last_error:
+            elif _kind(error) != _kind(self.last_error or ""):
                 log.warning("%s: %s, retrying", self.uri, error)
             self.last_error = error
 
@@ -415,3 +419,8 @@ def _redact(uri: str) -> str:
         return uri
     userinfo, _, host = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{userinfo.split(':')[0]}:***@{host}"))
+
+
+def _kind(error: str) -> str:
+    """An error without its measured numbers, so a dead stream is logged once, not per retry."""
+    return re.sub(r"\d+(\.\d+)?", "#", error)

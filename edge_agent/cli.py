@@ -86,7 +86,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from edge_agent import mqtt
+
     cfg = config.load(args.config)
+    mqtt.password(cfg.mqtt)  # local files only: a missing or world-readable one is an error now
+    if cfg.mqtt.tls:
+        mqtt.tls_context(cfg.mqtt)
     print(f"{args.config}: ok (device {cfg.device_id}, camera {cfg.camera}, "
           f"source {cfg.source.uri}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"topics {config.topic_base(cfg)}/...)")

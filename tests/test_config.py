@@ -104,3 +104,16 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 2 and "not valid YAML" in r.stderr
     r = _cli("check-config", "-c", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_check_config_reads_the_mqtt_secret_files(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("source: {uri: /dev/video0}\n"
+                   "mqtt: {username: cam, password_file: password}\n")
+    r = _cli("check-config", "-c", str(cfg))
+    assert r.returncode == 2 and "mqtt.password_file" in r.stderr
+    secret.chmod(0o600)
+    assert _cli("check-config", "-c", str(cfg)).returncode == 0

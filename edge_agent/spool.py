@@ -18,11 +18,12 @@ Age bound and clock steps: a Pi has no real-time clock. It boots in 1970 (or, wi
 fake-hwclock, at its last shutdown time) and NTP later steps the clock by years or weeks. Ages
 measured by ``time.time()`` would then make the whole backlog look ancient at once and drop it.
 So ages are measured on the spool's own clock, stored in ``created``: it advances with
-``time.monotonic()`` while the agent runs (immune to steps) and is saved with every append. Across
-a restart it also advances by the wall-clock downtime, but only when the clock readings at the
-last write and at the new start are both plausible (after 2020) and in order; otherwise downtime
-counts as zero. A wrong clock can thus only keep events longer (the count bound still holds), never
-drop them early. An event is dropped by age once it has waited ``max_age_s`` on this clock.
+``time.monotonic()`` while the agent runs (immune to steps) and is saved with every append,
+ack and clean stop. Across a restart it also advances by the wall-clock downtime, but only when
+the clock readings at the last write and at the new start are both plausible (after 2020) and
+in order; otherwise downtime counts as zero. A wrong clock can thus only keep events longer
+(the count bound still holds), never drop them early. An event is dropped by age once it has
+waited ``max_age_s`` on this clock.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class Spool:
             before = db.total_changes
             db.executemany("DELETE FROM events WHERE seq=?", ((q,) for q in seqs))
             self._depth -= db.total_changes - before
+            self._save_clock(db, self.clock(), self._wall())
 
     def depth(self) -> int:
         return self._depth
@@ -194,5 +196,9 @@ class Spool:
             return self._db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0]
 
     def close(self) -> None:
+        """Saves the clocks too: a wall clock that NTP set since the last event must not count
+        as downtime at the next start."""
+        with self._tx("NORMAL") as db:
+            self._save_clock(db, self.clock(), self._wall())
         with self._lock:
             self._db.close()

@@ -130,6 +130,21 @@ def test_clock_step_from_1970_drops_nothing(tmp_path: Path) -> None:
     s.close()
 
 
+def test_a_step_after_the_last_event_is_not_downtime(tmp_path: Path) -> None:
+    """fake-hwclock: the Pi boots at its last shutdown time (plausible, but stale); NTP steps it
+    10 days forward after the last event; the agent then stops and starts again at once."""
+    c = Clocks(wall=SYNCED)
+    s = c.spool(tmp_path, max_age_s=86400.0)
+    s.append({})
+    c.wall = SYNCED + 10 * 86400.0
+    c.advance(5)
+    s.close()
+    c.mono = 1.0
+    s = c.spool(tmp_path, max_age_s=86400.0)
+    assert seqs(s) == [1] and s.dropped() == 0
+    s.close()
+
+
 def test_clock_step_backwards_drops_nothing_and_keeps_order(tmp_path: Path) -> None:
     c = Clocks(SYNCED + 10 * 86400.0)  # an RTC that ran fast, corrected by NTP
     s = c.spool(tmp_path, max_age_s=120.0)

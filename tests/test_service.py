@@ -418,7 +418,7 @@ def test_sighup_applies_a_valid_config_without_losing_an_event(
         err.wait_for("reloaded", 10)
         assert rec.wait_for(lambda: any(e["camera"] == "porch" and e["type"] == "new"
                                         for e in rec.events), 30), "no event after reload"
-        assert rec.wait_for(lambda: _events_state(rec).get("every_n") == 3, 5)
+        assert rec.wait_for(lambda: _events_state(rec).get("every_n") == 3, 15)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

@@ -272,7 +272,7 @@ def machine(test_root: Path, venv: Path, tmp_path_factory: pytest.TempPathFactor
             m.leader = int(pids[0]) if pids else 0
             time.sleep(0.1)
         m.wait_for(lambda: m.sh("systemctl is-system-running", check=False).stdout.strip()
-                   in ("running", "degraded"), 60, "container boot")
+                   in ("running", "degraded"), 180, "container boot")
         yield m
     finally:
         proc.terminate()  # nspawn asks the container's systemd to power off

@@ -16,9 +16,12 @@ $(VENV)/.installed: pyproject.toml
 demo: system-deps $(VENV)/.installed
 	$(PY) -m edge_agent demo --shared $(SHARED)
 
+# The tiers that boot containers run in a pytest process of their own, after the rest.
+SYSTEM_TESTS := tests/test_systemd.py tests/test_ansible.py
 test: system-deps $(VENV)/.installed
 	$(PY) -m ruff check .
-	EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra
+	EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra $(addprefix --ignore=,$(SYSTEM_TESTS))
+	EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra $(SYSTEM_TESTS)
 
 bench: $(VENV)/.installed
 	$(PY) -m edge_agent bench --shared $(SHARED)

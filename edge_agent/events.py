@@ -95,10 +95,6 @@ class EventBuilder:
         if attrs is not None:
             face.published = (attrs.gender, attrs.age_bucket)
         last = face.last or Sighting(track.last_seen_ts, track.last_frame, track.box)
-        fw, fh = self.frame_size
-        x, y, w, h = last.box
-        x0, y0 = max(round(x), 0), max(round(y), 0)
-        x1, y1 = min(round(x + w), fw or 1 << 30), min(round(y + h), fh or 1 << 30)
         return {
             "type": kind,
             "track_id": self.track_id(track),
@@ -106,8 +102,8 @@ class EventBuilder:
             "camera": self.camera,
             "ts": round(last.ts, 3),
             "frame": last.frame,
-            "frame_size": [fw, fh],
-            "box": [x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)],
+            "frame_size": list(self.frame_size),
+            "box": _clip(last.box, self.frame_size),
             "first_frame": track.first_frame,
             "last_frame": track.last_frame,
             "gender": attrs.gender if attrs else None,
@@ -116,3 +112,14 @@ class EventBuilder:
             "age_bucket": attrs.age_bucket if attrs else None,
             "det_score": round(track.det_score, 3),
         }
+
+
+def _clip(box: tuple[float, float, float, float], size: tuple[int, int]) -> list[int]:
+    """Whole pixels inside the frame: a tracked box may reach past the edge."""
+    x, y, w, h = box
+    fw, fh = size
+    x0, y0 = max(round(x), 0), max(round(y), 0)
+    x1, y1 = round(x + w), round(y + h)
+    if fw and fh:
+        x1, y1 = min(x1, fw), min(y1, fh)
+    return [x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)]

@@ -69,6 +69,7 @@ class LoopStats:
         self.started = time.monotonic()
         self.frames = 0
         self.detections = 0
+        self.classifications = 0
         self.frame_s = 0.0
         self.detect_ms = 0.0
         self.classify_ms = 0.0
@@ -90,7 +91,8 @@ class LoopStats:
         self.detect_ms += self.alpha * (ms - self.detect_ms) if self.detections > 1 else ms
 
     def classify(self, ms: float) -> None:
-        self.classify_ms += self.alpha * (ms - self.classify_ms) if self.classify_ms else ms
+        self.classifications += 1
+        self.classify_ms += self.alpha * (ms - self.classify_ms) if self.classifications > 1 else ms
 
     def uptime(self) -> float:
         return time.monotonic() - self.started

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from edge_agent import __version__, config, models
 
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except models.ModelError as e:
         print(f"edge-agent: {e}", file=sys.stderr)
         return EXIT_MODEL
+    except _NoDevtools as e:
+        print(f"edge-agent: {e}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,15 +127,29 @@ def _models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from edge_agent import demo
+class _NoDevtools(Exception):
+    """The development package is not installed (a wheel on a Pi)."""
 
+
+def _devtool(name: str) -> Any:
+    """`demo` and `bench` live in the development package beside a checkout, not in the wheel."""
+    try:
+        return importlib.import_module(f"devtools.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("devtools", f"devtools.{name}"):
+            raise
+        raise _NoDevtools(f"`edge-agent {name}` needs the development package `devtools`, which "
+                          "comes with a checkout of the repository, not with the wheel; run it "
+                          "from a checkout (make demo / make bench)") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    demo = _devtool("demo")
     _setup_logging("warning")
     return demo.main(args.source, args.shared, args.people)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from edge_agent import bench
-
+    bench = _devtool("bench")
     return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
                       args.every_n)

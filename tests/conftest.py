@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.demo import free_port, start_mosquitto, wait_port
+from devtools.broker import free_port, start_mosquitto, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared")).resolve()

@@ -8,7 +8,8 @@ from typing import Any
 import cv2
 import pytest
 
-from edge_agent import config, scenario
+from devtools import scenario
+from edge_agent import config
 from edge_agent.agent import Pipeline
 from edge_agent.capture import Frame, open_source
 

@@ -23,8 +23,8 @@ from conftest import REPO, Broker, event_errors
 from test_e2e import agent_config, run_agent
 from test_mqtt import first_seen, make_pki, tls_listener, wait_for
 
-from edge_agent import scenario
-from edge_agent.demo import free_port, wait_port
+from devtools import scenario
+from devtools.broker import free_port, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -359,7 +359,7 @@ def test_tls_client_certificate_and_password_end_to_end(
 
 
 def test_spool_outage_bench_short(tmp_path: Path) -> None:
-    """bench/spool_outage.py in seconds: a bounded spool keeps exactly the newest events and
+    """devtools/spool_outage.py in seconds: a bounded spool keeps exactly the newest events and
     memory stays flat; an unbounded one delivers all 4,000 with nothing lost."""
     def bench(*args: str) -> dict[str, Any]:
         r = subprocess.run([sys.executable, str(REPO / "bench" / "spool_outage.py"), "--json",

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import Broker, RtspServer, event_errors, free_port
 
-from edge_agent import scenario
+from devtools import scenario
 
 pytestmark = pytest.mark.slow
 

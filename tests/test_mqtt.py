@@ -19,9 +19,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.broker import free_port, wait_port
 from edge_agent import config
 from edge_agent.config import ConfigError, MqttConfig, SpoolConfig
-from edge_agent.demo import free_port, wait_port
 from edge_agent.mqtt import CREDENTIALS_ENV, PASSWORD_ENV, Publisher, password
 from edge_agent.spool import Spool
 

@@ -27,7 +27,8 @@ import yaml
 from conftest import Broker, free_port
 from test_e2e import Recorder, agent_config
 
-from edge_agent import scenario, service
+from devtools import scenario
+from edge_agent import service
 from edge_agent.agent import SHED_FACTOR
 
 NO_SYSTEMD_PYTHON = "import sys; sys.modules['systemd'] = None\n"

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from conftest import MODELS, REPO
 
-from edge_agent import scenario
+from devtools import scenario
 
 pytestmark = pytest.mark.timeout(900)  # a cold cache builds the root, wheels and venv first
 

@@ -136,7 +136,7 @@ def clip(faces: Path) -> Path:
     """A short looping clip with two people walking through, rendered once and cached."""
     out = CACHE / "fleet-clip-v1.mp4"
     if not out.exists():
-        from edge_agent import scenario
+        from devtools import scenario
 
         CACHE.mkdir(parents=True, exist_ok=True)
         scn = scenario.plan(faces, people=2, seed=5)

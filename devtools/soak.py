@@ -2,7 +2,7 @@
 sampled every second; prints the growth after warm-up (mean of the last minute minus mean of the
 first minute after warm-up, and the fitted slope). Exits 1 if the growth reaches --limit-mb.
 
-    python3 bench/soak.py --minutes 12 --warmup 2 [--clip CLIP] [--shared ../shared]
+    python3 devtools/soak.py --minutes 12 --warmup 2 [--clip CLIP] [--shared ../shared]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import yaml
 
-from edge_agent import scenario
-from edge_agent.demo import free_port, start_mosquitto
+from devtools import scenario
+from devtools.broker import free_port, start_mosquitto
 
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 

@@ -7,7 +7,7 @@ detection simply held ("hold"). Sources: the real clip(s), and a real group phot
 a moving 960x540 window shown at 640x360 (a smooth pan, and a hand-held style shake), limited
 to its 5 best faces, which also gives the per-update time for 5 faces.
 
-    python3 bench/track_flow.py [--video CLIP ...] [--scene JPG] [--model ONNX] [--every 5]
+    python3 devtools/track_flow.py [--video CLIP ...] [--scene JPG] [--model ONNX] [--every 5]
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ warm-up with the broker up; outage of --duration s at --rate events/s (RSS sampl
 second); broker back, events keep coming at the same rate while the backlog drains; then
 every seq is checked. Prints a summary, or JSON with --json. Exit 1 if anything was lost.
 
-    python bench/spool_outage.py --duration 600 --rate 17          # 10-minute outage, ~10k events
-    python bench/spool_outage.py --duration 5 --rate 2000 --json    # 10k events, quickly
+    python devtools/spool_outage.py --duration 600 --rate 17       # 10-minute outage, ~10k events
+    python devtools/spool_outage.py --duration 5 --rate 2000 --json # 10k events, quickly
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devtools.broker import free_port, start_mosquitto
 from edge_agent.config import MqttConfig, SpoolConfig
-from edge_agent.demo import free_port, start_mosquitto
 from edge_agent.health import rss_mb
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool

@@ -18,7 +18,8 @@ from typing import Any
 
 import cv2
 
-from edge_agent import config, scenario
+from devtools import scenario
+from edge_agent import config
 from edge_agent.capture import open_source
 
 MODES = ("decode", "agent", "naive")
@@ -41,7 +42,7 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
         results = {}
         for mode in modes:
             out = subprocess.run(
-                [sys.executable, "-m", "edge_agent.bench", mode, clip, str(base / "models"),
+                [sys.executable, "-m", "devtools.bench", mode, clip, str(base / "models"),
                  str(every_n or 0)], capture_output=True, text=True, check=True)
             r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "

@@ -1,7 +1,11 @@
 # The two commands of the README: `make demo` and `make test`. Both set up what they need.
+# SHARED (or $EDGE_AGENT_SHARED): the optional research data folder holding data/faces/, the
+# labelled face crops some tests and `--scene` need; without it those tests are skipped.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SHARED ?= ../shared
+SHARED ?=
+SHARED_ENV := $(if $(SHARED),EDGE_AGENT_SHARED=$(abspath $(SHARED)))
+DEMO_ARGS ?=
 
 .PHONY: demo test system-deps bench
 system-deps:
@@ -14,14 +18,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: system-deps $(VENV)/.installed
-	$(PY) -m edge_agent demo --shared $(SHARED)
+	$(SHARED_ENV) $(PY) -m edge_agent demo $(DEMO_ARGS)
 
 # The tiers that boot containers run in a pytest process of their own, after the rest.
 SYSTEM_TESTS := tests/test_systemd.py tests/test_ansible.py
 test: system-deps $(VENV)/.installed
 	$(PY) -m ruff check .
-	EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra $(addprefix --ignore=,$(SYSTEM_TESTS))
-	EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra $(SYSTEM_TESTS)
+	$(PY) -m mypy
+	$(SHARED_ENV) $(PY) -m pytest -q -ra $(addprefix --ignore=,$(SYSTEM_TESTS))
+	$(SHARED_ENV) $(PY) -m pytest -q -ra $(SYSTEM_TESTS)
 
 bench: $(VENV)/.installed
-	$(PY) -m edge_agent bench --shared $(SHARED)
+	$(SHARED_ENV) $(PY) -m edge_agent bench

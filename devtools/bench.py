@@ -1,12 +1,14 @@
 """`edge-agent bench`: CPU seconds per frame, frames per second and peak RSS of decode only, the
 agent at its defaults, and the naive pipeline (full-size detection and classification of every
 face on every frame), each in a fresh process so peak RSS is its own; on the generated scene also
-recall, duplicates, attribute accuracy and latency against the ground truth."""
+recall, duplicates, attribute accuracy and latency against the ground truth. Without the
+research face data (--shared or EDGE_AGENT_SHARED) and without --clip it runs on the sample clip."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -18,7 +20,7 @@ from typing import Any
 
 import cv2
 
-from devtools import scenario
+from devtools import assets, scenario
 from edge_agent import config
 from edge_agent.capture import open_source
 
@@ -27,22 +29,31 @@ MODES = ("decode", "agent", "naive")
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
          every_n: int | None) -> int:
-    base = scenario.shared_dir(shared)
     unknown = set(modes) - set(MODES)
     if unknown:
         print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
         return 2
+    faces = None
+    if clip is None and (shared or os.environ.get("EDGE_AGENT_SHARED")):
+        try:
+            faces = scenario.shared_dir(shared) / "data" / "faces"
+        except FileNotFoundError as e:
+            print(f"edge-agent bench: {e}", file=sys.stderr)
+            return 2
+    models_dir = assets.models_dir()
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as work:
-        if clip is None:
-            scn = scenario.plan(base / "data" / "faces", people=people, seed=seed)
-            clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4",
+        if faces is not None:
+            scn = scenario.plan(faces, people=people, seed=seed)
+            clip = str(scenario.render(scn, faces, Path(work) / "scene.mp4",
                                        h264=shutil.which("ffmpeg") is not None))
+        elif clip is None:
+            clip = str(assets.SAMPLE_CLIP)
         print(f"clip: {clip}")
         print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12}")
         results = {}
         for mode in modes:
             out = subprocess.run(
-                [sys.executable, "-m", "devtools.bench", mode, clip, str(base / "models"),
+                [sys.executable, "-m", "devtools.bench", mode, clip, str(models_dir),
                  str(every_n or 0)], capture_output=True, text=True, check=True)
             r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "

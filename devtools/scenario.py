@@ -22,11 +22,17 @@ from edge_agent.track import iou
 
 
 def shared_dir(given: str | None) -> Path:
-    """The folder with models/ and data/faces/ (MANIFEST.md's layout)."""
-    for cand in (given, os.environ.get("EDGE_AGENT_SHARED"), "../shared", "shared"):
-        if cand and (Path(cand) / "models").is_dir():
-            return Path(cand).resolve()
-    raise SystemExit("edge-agent: cannot find the shared folder; pass --shared DIR")
+    """The research data folder holding data/faces/ (the labelled UTKFace crops): `given`, else
+    $EDGE_AGENT_SHARED; never guessed from the working directory."""
+    cand = given or os.environ.get("EDGE_AGENT_SHARED")
+    if not cand:
+        raise FileNotFoundError(
+            "the labelled face data (research use only) is not part of the repository; pass "
+            "--shared DIR or set EDGE_AGENT_SHARED to the folder that holds data/faces/")
+    path = Path(cand).resolve()
+    if not (path / "data" / "faces" / "labels.csv").is_file():
+        raise FileNotFoundError(f"{path}: no data/faces/labels.csv (the labelled face crops)")
+    return path
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 sampled every second; prints the growth after warm-up (mean of the last minute minus mean of the
 first minute after warm-up, and the fitted slope). Exits 1 if the growth reaches --limit-mb.
 
-    python3 devtools/soak.py --minutes 12 --warmup 2 [--clip CLIP] [--shared ../shared]
+    python3 -m devtools.soak --minutes 12 --warmup 2 [--clip CLIP] [--shared DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import yaml
 
-from devtools import scenario
+from devtools import assets, scenario
 from devtools.broker import free_port, start_mosquitto
 
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -64,24 +64,26 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=2.0, help="minutes not counted")
     p.add_argument("--clip", help="a video file; default: a generated scene of --people")
     p.add_argument("--people", type=int, default=8)
-    p.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
+    p.add_argument("--shared", default=None,
+                   help="research data folder with data/faces/ (default: $EDGE_AGENT_SHARED)")
     p.add_argument("--limit-mb", type=float, default=2.0)
     args = p.parse_args()
     if args.minutes - args.warmup < 2:
         p.error("--minutes must exceed --warmup by at least 2")
 
-    base = scenario.shared_dir(args.shared)
+    models_dir = assets.models_dir()
     work = Path(tempfile.mkdtemp(prefix="edge-agent-soak-"))
     clip = args.clip
     if clip is None:
-        scn = scenario.plan(base / "data" / "faces", people=args.people, seed=11)
-        clip = str(scenario.render(scn, base / "data" / "faces", work / "soak.mp4"))
+        faces = scenario.shared_dir(args.shared) / "data" / "faces"
+        scn = scenario.plan(faces, people=args.people, seed=11)
+        clip = str(scenario.render(scn, faces, work / "soak.mp4"))
     port = free_port()
     broker = start_mosquitto(work, port)
     cfg = {
         "device_id": "soak", "camera": "loop",
         "source": {"uri": clip, "loop": True, "realtime": True},
-        "models": {"dir": str(base / "models")},
+        "models": {"dir": str(models_dir)},
         "mqtt": {"port": port, "state_interval_s": 5},
         "spool": {"path": str(work / "spool.db")},
     }

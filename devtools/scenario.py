@@ -127,9 +127,9 @@ def background(width: int, height: int, seed: int = 1) -> np.ndarray:
         color = [int(c) for c in rng.integers(40, 200, 3)]
         cv2.rectangle(img, (x0, y0), (x0 + int(rng.integers(30, 200)),
                                       y0 + int(rng.integers(30, 200))), color, -1)
-    img = cv2.GaussianBlur(img, (0, 0), 3)
-    img += rng.normal(0, 3, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    blurred: np.ndarray = cv2.GaussianBlur(img, (0, 0), 3)
+    blurred += rng.normal(0, 3, blurred.shape).astype(np.float32)
+    return np.clip(blurred, 0, 255).astype(np.uint8)
 
 
 def render(scn: Scenario, faces_dir: Path, out: Path, h264: bool = False) -> Path:
@@ -143,7 +143,7 @@ def render(scn: Scenario, faces_dir: Path, out: Path, h264: bool = False) -> Pat
             raise FileNotFoundError(faces_dir / p.file)
         sprites[p.file, p.size] = cv2.resize(img, (p.size, p.size), interpolation=cv2.INTER_AREA)
     raw = out.with_suffix(".mp4v.mp4") if h264 else out
-    writer = cv2.VideoWriter(str(raw), cv2.VideoWriter_fourcc(*"mp4v"), scn.fps,
+    writer = cv2.VideoWriter(str(raw), cv2.VideoWriter.fourcc(*"mp4v"), scn.fps,
                              (scn.width, scn.height))
     if not writer.isOpened():
         raise RuntimeError(f"cannot write {out}")

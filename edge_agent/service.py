@@ -13,7 +13,6 @@ import re
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 STATUS_INTERVAL_S = 5.0  # STATUS= at most this often: systemctl status is read by people
-STALL_ENV = "EDGE_AGENT_TEST_STALL_AFTER_S"
 _MAX_MESSAGE = 32 * 1024  # a journal datagram must fit the socket's buffer
 _PLAIN = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 _FIELD = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
@@ -119,25 +117,6 @@ def status_line(state: Mapping[str, Any]) -> str:
         source += f" ({state['source_error']})"
     return (f"{state['fps']:.1f} fps, {state['tracks']} faces, rss {state['rss_mb']:.0f} MB, "
             f"source {source}, broker {state['broker']}, spool {state['spool_depth']}")
-
-
-class Stalling:
-    """Test hook for the watchdog, active only when $EDGE_AGENT_TEST_STALL_AFTER_S is set: the
-    wrapped source's read() blocks forever after that many seconds, as a camera call stuck on
-    the loop's own thread would. Nothing in the product sets the variable."""
-
-    def __init__(self, source: Any, after_s: float) -> None:
-        self._source = source
-        self._at = time.monotonic() + after_s
-
-    def read(self, timeout: float) -> Any:
-        if time.monotonic() >= self._at:
-            log.warning("%s: stalling the frame loop now", STALL_ENV)
-            threading.Event().wait()
-        return self._source.read(timeout)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
 
 
 def under_systemd(env: Mapping[str, str] = os.environ) -> bool:

@@ -292,8 +292,9 @@ class _Flow:
         b = np.array(boxes, np.float32) * s
         c = b[:, None, :2] + b[:, None, 2:] / 2
         p0 = (c + self._grid * b[:, None, 2:]).reshape(-1, 1, 2)
-        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **_LK)
-        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **_LK)
+        # nextPts=None: OpenCV allocates it (its stubs omit that overload)
+        p1, st1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **_LK)  # type: ignore[call-overload]
+        back, st2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **_LK)  # type: ignore[call-overload]
         fb = np.abs(back - p0).max(2)[:, 0]
         good = ((st1[:, 0] & st2[:, 0]) > 0) & (fb < _FLOW_FB_PX)
         n = self._grid.shape[1]

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the shared models and data live, and a real mosquitto."""
+"""Shared test fixtures: the models (per-user cache, as the demo), the sample clip, the optional
+research-only face data (EDGE_AGENT_SHARED), and a real mosquitto."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,27 +16,56 @@ from typing import Any
 
 import pytest
 
+from devtools import assets
 from devtools.broker import free_port, start_mosquitto, wait_port
+from edge_agent import models
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("EDGE_AGENT_SHARED", REPO.parent / "shared")).resolve()
-MODELS = SHARED / "models"
+# The research-only data folder (data/faces/: labelled UTKFace crops, group photos), never
+# shipped and never guessed: only where EDGE_AGENT_SHARED names it.
+SHARED: Path | None = (Path(os.environ["EDGE_AGENT_SHARED"]).resolve()
+                       if os.environ.get("EDGE_AGENT_SHARED") else None)
+FACES: Path | None = SHARED / "data" / "faces" if SHARED else None
+NO_SHARED = ("needs the research-only labelled face data: set EDGE_AGENT_SHARED to the folder "
+             "that holds data/faces/")
+MODELS = models.cache_dir()  # filled by fetch_models(), the same cache the demo uses
+SAMPLE_CLIP = assets.SAMPLE_CLIP
+SAMPLE_FACES = 2  # one person, who turns away and back: two face tracks
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
 DEBIAN_PYTHON = "/usr/bin/python3"  # the one with Debian's `gi` for gst-rtsp-server
-FACES = SHARED / "data" / "faces"
+
+
+def fetch_models(names: list[str] | None = None) -> Path:
+    """The per-user model cache with `names` (default: the default pipeline's) in it, filled
+    as the demo fills it; with EDGE_AGENT_SHARED, its models/ is tried first as a mirror."""
+    mirror = str(SHARED / "models") if SHARED and (SHARED / "models").is_dir() else None
+    return assets.models_dir(names, mirror, say=lambda m: print(m, file=sys.stderr))
 
 
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
-    if not (MODELS / "face_detection_yunet_2023mar.onnx").exists():
-        pytest.fail(f"shared models not found in {MODELS} (set EDGE_AGENT_SHARED)")
-    return MODELS
+    return fetch_models()
+
+
+@pytest.fixture(scope="session")
+def every_model_dir() -> Path:
+    """The cache with every model of the manifest, the alternative detector too. That one comes
+    from its upstream URL (or EDGE_AGENT_SHARED's models/); offline without either, skip."""
+    try:
+        return fetch_models([e.name for e in models.load_manifest()])
+    except models.ModelError as e:
+        if SHARED:
+            raise
+        pytest.skip(f"alternative models not reachable ({str(e).splitlines()[0]}); "
+                    "set EDGE_AGENT_SHARED to a folder whose models/ holds them")
 
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
+    if FACES is None:
+        pytest.skip(NO_SHARED)
     if not (FACES / "labels.csv").exists():
-        pytest.fail(f"shared face data not found in {FACES} (set EDGE_AGENT_SHARED)")
+        pytest.fail(f"EDGE_AGENT_SHARED: no labelled face data in {FACES}")
     return FACES
 
 
@@ -111,6 +142,6 @@ def _event_validator() -> Any:
 
 
 def event_errors(event: Any) -> list[str]:
-    """Why `event` breaks docs/event.schema.json (CONTRACT.md's face event); [] if it is fine."""
+    """Why `event` breaks docs/event.schema.json (docs/contract.md's face event), or []."""
     return [f"{'/'.join(map(str, e.absolute_path)) or '(event)'}: {e.message}"
             for e in _event_validator().iter_errors(event)]

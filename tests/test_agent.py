@@ -1,4 +1,4 @@
-"""The frame loop's pipeline on generated frames, without broker or process around it."""
+"""The frame loop's pipeline on the sample clip's frames, without broker or process around it."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ from typing import Any
 
 import cv2
 import pytest
+from conftest import SAMPLE_CLIP
 
-from devtools import scenario
 from edge_agent import config
 from edge_agent.agent import Pipeline
 from edge_agent.capture import Frame, open_source
 
 
 @pytest.fixture(scope="module")
-def frames(tmp_path_factory: pytest.TempPathFactory, faces_dir: Path) -> list[Frame]:
-    scn = scenario.plan(faces_dir, people=3, seed=5)
-    clip = scenario.render(scn, faces_dir, tmp_path_factory.mktemp("agent") / "scene.mp4")
-    src = open_source(config.SourceConfig(uri=str(clip), realtime=False))
+def frames() -> list[Frame]:
+    """Frames 450-799: empty at first, then a face from frame 509 on, in view half way."""
+    src = open_source(config.SourceConfig(uri=str(SAMPLE_CLIP), realtime=False))
     out = []
-    while (f := src.read(1.0)) is not None:
-        out.append(f)
+    while (f := src.read(1.0)) is not None and f.index < 800:
+        if f.index >= 450:
+            out.append(f)
+    src.close()
     return out
 
 

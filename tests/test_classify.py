@@ -160,7 +160,7 @@ def labels(faces_dir: Path) -> list[dict[str, str]]:
 
 def _dev_set_scores(faces_dir: Path, models_dir: Path, classifier: FaceClassifier,
                     labels: list[dict[str, str]], pad: int, backend: str) -> tuple[float, float]:
-    """Pad each crop (replicated border, as MANIFEST.md), detect at full size, classify."""
+    """Pad each crop (replicated border, as in docs/models.md), detect at full size, classify."""
     det = make_detector(DetectConfig(backend=backend, width=400), str(models_dir))
     correct, errors = 0, []
     for row in labels:
@@ -179,7 +179,7 @@ def _dev_set_scores(faces_dir: Path, models_dir: Path, classifier: FaceClassifie
     return correct / len(labels), float(np.mean(errors))
 
 
-# Measured: pad 50 gives 94% / 8.82 with cv2 5.0 (MANIFEST.md's figures; 4.14: 8.84),
+# Measured: pad 50 gives 94% / 8.82 with cv2 5.0 (docs/models.md's figures; 4.14: 8.84),
 # pad 100 gives 95% / 8.66.
 @pytest.mark.parametrize("pad", [50, 100])
 def test_dev_set_accuracy_yunet(faces_dir: Path, models_dir: Path, classifier: FaceClassifier,
@@ -189,11 +189,11 @@ def test_dev_set_accuracy_yunet(faces_dir: Path, models_dir: Path, classifier: F
     assert mae <= 9.0
 
 
-def test_dev_set_accuracy_ultraface(faces_dir: Path, models_dir: Path,
+def test_dev_set_accuracy_ultraface(faces_dir: Path, every_model_dir: Path,
                                     classifier: FaceClassifier,
                                     labels: list[dict[str, str]]) -> None:
     """No landmarks: eyes guessed from the box. Measured 94% / 9.60 at pad 75."""
-    acc, mae = _dev_set_scores(faces_dir, models_dir, classifier, labels, 75, "ultraface")
+    acc, mae = _dev_set_scores(faces_dir, every_model_dir, classifier, labels, 75, "ultraface")
     assert acc >= 0.91
     assert mae <= 10.0
 

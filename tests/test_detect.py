@@ -52,17 +52,17 @@ def scenes(faces_dir: Path) -> list[tuple[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def ultraface(models_dir: Path) -> UltraFaceDetector:
-    det = make_detector(DetectConfig(backend="ultraface"), str(models_dir))
+def ultraface(every_model_dir: Path) -> UltraFaceDetector:
+    det = make_detector(DetectConfig(backend="ultraface"), str(every_model_dir))
     assert isinstance(det, UltraFaceDetector)
     return det
 
 
-def test_file_names_cover_every_backend(models_dir: Path) -> None:
+def test_file_names_cover_every_backend(every_model_dir: Path) -> None:
     choices = DetectConfig.__dataclass_fields__["backend"].metadata["choices"]
     assert set(DETECTOR_FILES) == set(choices)
     for name in DETECTOR_FILES.values():
-        assert (models_dir / name).is_file()
+        assert (every_model_dir / name).is_file()
 
 
 def test_make_detector_reports_missing_file(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_yunet_default_width(faces_dir: Path, models_dir: Path, file: str, expec
     dets = make_detector(DetectConfig(), str(models_dir)).detect(img)
     assert len(dets) == expected
     if file.endswith("ulfd_5.jpg"):
-        assert _iou(dets[0].box, (498, 110, 174, 240)) > 0.8  # MANIFEST.md's full-size box
+        assert _iou(dets[0].box, (498, 110, 174, 240)) > 0.8  # docs/models.md's full-size box
 
 
 @pytest.mark.parametrize(("width", "min_iou", "mean_iou"),
@@ -174,10 +174,10 @@ def test_ultraface_counts(faces_dir: Path, scenes, ultraface: UltraFaceDetector)
         assert all(isinstance(d, Detection) and d.landmarks is None for d in dets)
 
 
-def test_ultraface_crowd(faces_dir: Path, models_dir: Path) -> None:
-    """46 raw, as in MANIFEST.md; the default min_face_px=20 drops two 19-20 px faces."""
+def test_ultraface_crowd(faces_dir: Path, every_model_dir: Path) -> None:
+    """46 raw, as in docs/models.md; the default min_face_px=20 drops two 19-20 px faces."""
     img = cv2.imread(str(faces_dir / CROWD))
-    det = UltraFaceDetector(str(models_dir / DETECTOR_FILES["ultraface"]), min_face_px=1)
+    det = UltraFaceDetector(str(every_model_dir / DETECTOR_FILES["ultraface"]), min_face_px=1)
     lo, hi = CROWD_RANGE
     assert lo <= len(det.detect(img)) <= hi
 

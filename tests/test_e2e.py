@@ -15,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import Broker, RtspServer, event_errors, free_port
+from conftest import SAMPLE_CLIP, Broker, RtspServer, event_errors, free_port
 
 from devtools import scenario
 
@@ -144,8 +144,8 @@ def test_restart_continues_seq_and_track_ids(tmp_path: Path,
     assert len(set(ids)) == len(ids)
 
 
-def test_missing_model_exits_3(tmp_path: Path, broker: Broker, scene: tuple[Path, Any]) -> None:
-    r = run_agent(agent_config(tmp_path, tmp_path / "empty", broker.port, str(scene[0])), 60)
+def test_missing_model_exits_3(tmp_path: Path, broker: Broker) -> None:
+    r = run_agent(agent_config(tmp_path, tmp_path / "empty", broker.port, str(SAMPLE_CLIP)), 60)
     assert r.returncode == 3
     assert "face_detection_yunet_2023mar.onnx" in r.stderr
 
@@ -157,12 +157,10 @@ def test_missing_clip_exits_2(tmp_path: Path, broker: Broker, models_dir: Path) 
 
 
 def test_rtsp_stream_through_agent_survives_a_server_restart(
-        tmp_path: Path, faces_dir: Path, broker: Broker, models_dir: Path) -> None:
-    """The scene served over RTSP; the server is killed and restarted mid-run; the agent
-    reconnects, keeps publishing, and a SIGTERM ends open tracks with a clean `offline`."""
-    scn = scenario.plan(faces_dir, people=4, seed=3)
-    clip = scenario.render(scn, faces_dir, tmp_path / "scene.mp4", h264=True)
-    server = RtspServer(free_port(), clip)
+        tmp_path: Path, broker: Broker, models_dir: Path) -> None:
+    """The sample clip (H.264) served over RTSP; the server is killed and restarted mid-run; the
+    agent reconnects, keeps publishing, and a SIGTERM ends open tracks with a clean `offline`."""
+    server = RtspServer(free_port(), SAMPLE_CLIP)
     server.start()
     cfg = agent_config(tmp_path, models_dir, broker.port, server.url, read_timeout_s=2.0,
                        reconnect_max_s=1.0)
@@ -209,10 +207,9 @@ def test_rtsp_stream_through_agent_survives_a_server_restart(
 
 
 def test_memory_ceiling_exits_75_after_a_clean_stop(tmp_path: Path, broker: Broker,
-                                                    models_dir: Path,
-                                                    scene: tuple[Path, Any]) -> None:
+                                                    models_dir: Path) -> None:
     """A ceiling below what the agent needs: it says so, publishes `offline`, exits 75."""
-    cfg = agent_config(tmp_path, models_dir, broker.port, str(scene[0]), loop=True)
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(SAMPLE_CLIP), loop=True)
     data = yaml.safe_load(cfg.read_text()) | {"memory": {"ceiling_mb": 40}}
     cfg.write_text(yaml.safe_dump(data))
     rec = Recorder(broker.port, "edge-agent/test-pi")
@@ -227,9 +224,8 @@ def test_memory_ceiling_exits_75_after_a_clean_stop(tmp_path: Path, broker: Brok
 
 
 def test_memory_pressure_sheds_work_and_reports_it(tmp_path: Path, broker: Broker,
-                                                   models_dir: Path,
-                                                   scene: tuple[Path, Any]) -> None:
-    cfg = agent_config(tmp_path, models_dir, broker.port, str(scene[0]), realtime=False)
+                                                   models_dir: Path) -> None:
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(SAMPLE_CLIP), realtime=False)
     data = yaml.safe_load(cfg.read_text()) | {"memory": {"ceiling_mb": 300,
                                                          "soft_fraction": 0.1}}
     cfg.write_text(yaml.safe_dump(data))

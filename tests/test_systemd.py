@@ -25,9 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import MODELS, REPO
-
-from devtools import scenario
+from conftest import REPO, SAMPLE_CLIP
 
 pytestmark = pytest.mark.timeout(900)  # a cold cache builds the root, wheels and venv first
 
@@ -36,6 +34,7 @@ CACHE = Path(os.environ.get("TEST_ROOT_CACHE", "/var/cache/edge-agent-test"))
 CI = os.environ.get("CI") == "true"
 VENV = "/opt/edge-agent/venv"
 TEST_DIR = "/opt/edge-agent-test"  # models and clip, read-only in the machine
+STALL_ENTRY = Path(__file__).with_name("systemd_stall.py")
 
 
 def _analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -245,18 +244,19 @@ class Machine:
 
 @pytest.fixture(scope="module")
 def machine(test_root: Path, venv: Path, tmp_path_factory: pytest.TempPathFactory,
-            faces_dir: Path) -> Iterator[Machine]:
+            models_dir: Path) -> Iterator[Machine]:
     work = tmp_path_factory.mktemp("machine")
     clip_dir, etc, dropins = work / "clip", work / "etc", work / "dropins"
     for d in (clip_dir, etc, dropins):
         d.mkdir()
-    scenario.render(scenario.plan(faces_dir, people=4, seed=5), faces_dir, clip_dir / "scene.mp4")
+    shutil.copy(SAMPLE_CLIP, clip_dir / "scene.mp4")
+    shutil.copy(STALL_ENTRY, clip_dir)
     (etc / "edge-agent.yaml").write_text(_agent_config())
     # Fast enough for a test; everything else is the shipped unit.
     (dropins / "test.conf").write_text("[Service]\n")
     proc = subprocess.Popen(
         _nspawn(test_root, "-b", "--console=pipe", f"--machine=edge-agent-test-{os.getpid()}",
-                f"--bind-ro={venv}:{VENV}", f"--bind-ro={MODELS}:{TEST_DIR}/models",
+                f"--bind-ro={venv}:{VENV}", f"--bind-ro={models_dir}:{TEST_DIR}/models",
                 f"--bind-ro={clip_dir}:{TEST_DIR}/clip", f"--bind={etc}:/etc/edge-agent",
                 f"--bind-ro={UNIT}:/etc/systemd/system/edge-agent.service",
                 f"--bind={dropins}:/etc/systemd/system/edge-agent.service.d"),
@@ -353,9 +353,12 @@ def test_mqtt_password_arrives_as_a_credential(machine: Machine) -> None:
 
 
 def test_watchdog_restarts_a_stalled_loop(machine: Machine) -> None:
-    """EDGE_AGENT_TEST_STALL_AFTER_S blocks the frame loop's read for good: the pings stop,
-    systemd aborts the process (faulthandler prints where it hung) and starts a new one."""
-    machine.dropin("WatchdogSec=3\nRestartSec=1\nEnvironment=EDGE_AGENT_TEST_STALL_AFTER_S=4\n")
+    """A test-only entry point (tests/systemd_stall.py) blocks the frame loop's read for good
+    after 4 s: the pings stop, systemd aborts the process (faulthandler prints where it hung)
+    and starts a new one."""
+    machine.dropin(f"WatchdogSec=3\nRestartSec=1\nSyslogIdentifier=edge-agent\nExecStart=\n"
+                   f"ExecStart={VENV}/bin/python {TEST_DIR}/clip/{STALL_ENTRY.name} 4 "
+                   "run -c /etc/edge-agent/edge-agent.yaml\n")
     cursor = machine.cursor()
     machine.sh("systemctl restart edge-agent")
     first = machine.show("MainPID")["MainPID"]
@@ -376,7 +379,8 @@ def test_watchdog_restarts_a_stalled_loop(machine: Machine) -> None:
     stderr = [_msg(e) for e in entries if e.get("_COMM") == "edge-agent"
               or e.get("SYSLOG_IDENTIFIER") == "edge-agent"]
     assert any("Fatal Python error: Aborted" in m for m in stderr), "no faulthandler dump"
-    assert any("service.py" in m and "read" in m for m in stderr), "dump lacks the stuck frame"
+    assert any(STALL_ENTRY.name in m and "read_or_stall" in m for m in stderr), \
+        "dump lacks the stuck frame"
     machine.dropin("")
     machine.sh("systemctl restart edge-agent")
 

@@ -36,7 +36,7 @@ BASE = "bench/dev"
 
 
 def event(i: int) -> dict[str, Any]:
-    """A realistic face event (CONTRACT.md), ~260 bytes as compact JSON."""
+    """A realistic face event (docs/contract.md), ~260 bytes as compact JSON."""
     return {"type": ("new", "update", "end")[i % 3], "track_id": f"1-{i // 3}",
             "device": "dev", "camera": "front", "ts": round(time.time(), 3), "frame": 5 * i,
             "frame_size": [640, 480], "box": [random.randint(0, 500), 120, 96, 96],

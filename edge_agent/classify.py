@@ -55,7 +55,7 @@ def _chip_matrix(eyes: np.ndarray, size: int) -> np.ndarray:
 def align_chip(
     image: np.ndarray, landmarks: np.ndarray, size: int, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """The eye-aligned chip of MANIFEST.md (dlib's template, padding 0.2).
+    """The eye-aligned chip of docs/models.md (dlib's template, padding 0.2).
 
     Only the eyes are used (YuNet's nose is the tip, dlib's the base: eyes alone scored better).
     Row 0 is the subject's right eye, which is the image-left one. `out` is reused if given.

@@ -89,7 +89,7 @@ class YuNetDetector:
 
 
 class UltraFaceDetector:
-    """Ultra-Light RFB-320 (models/MANIFEST.md section 2); boxes only, landmarks=None.
+    """Ultra-Light RFB-320 (docs/models.md); boxes only, landmarks=None.
 
     The graph has its priors baked in for a 320x240 input, so there is no width setting:
     every frame is resized (stretched) to 320x240 as in the model's own demo. blobFromImage's

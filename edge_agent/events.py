@@ -1,4 +1,4 @@
-"""Face events (CONTRACT.md): `new` once per confirmed and classified track, `update` when its
+"""Face events (docs/contract.md): `new` once per confirmed and classified track, `update` when its
 gender or age bucket changes, `end` once when it is lost or the stream ends."""
 
 from __future__ import annotations

@@ -362,8 +362,8 @@ def test_spool_outage_bench_short(tmp_path: Path) -> None:
     """devtools/spool_outage.py in seconds: a bounded spool keeps exactly the newest events and
     memory stays flat; an unbounded one delivers all 4,000 with nothing lost."""
     def bench(*args: str) -> dict[str, Any]:
-        r = subprocess.run([sys.executable, str(REPO / "bench" / "spool_outage.py"), "--json",
-                            *args], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-m", "devtools.spool_outage", "--json", *args],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
         assert r.returncode == 0, r.stdout + r.stderr[-2000:]
         return json.loads(r.stdout)
 

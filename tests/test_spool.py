@@ -1,4 +1,4 @@
-"""The spool: seq rules from CONTRACT.md, bounds, durability across reopen, threads."""
+"""The spool: seq rules from docs/contract.md, bounds, durability across reopen, threads."""
 
 from __future__ import annotations
 

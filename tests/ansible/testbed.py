@@ -420,7 +420,9 @@ def main() -> int:
     p.add_argument("action", choices=("up", "down"))
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--hosts", type=int, default=2)
-    p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    p.add_argument("--shared", type=Path, default=os.environ.get("EDGE_AGENT_SHARED"),
+                   required="EDGE_AGENT_SHARED" not in os.environ,
+                   help="research data folder with data/faces/ (default: $EDGE_AGENT_SHARED)")
     args = p.parse_args()
     bed = Testbed(args.dir.resolve(), args.shared.resolve())
     if args.action == "down":

@@ -56,8 +56,10 @@ def every_model_dir() -> Path:
     except models.ModelError as e:
         if SHARED:
             raise
-        pytest.skip(f"alternative models not reachable ({str(e).splitlines()[0]}); "
-                    "set EDGE_AGENT_SHARED to a folder whose models/ holds them")
+        missing = [n for n in (m.name for m in models.load_manifest())
+                   if f"could not fetch {models.cache_dir() / n}" in str(e)]
+        pytest.skip(f"{', '.join(missing)}: upstream URL not reachable here; set "
+                    "EDGE_AGENT_SHARED to a folder whose models/ holds it")
 
 
 @pytest.fixture(scope="session")

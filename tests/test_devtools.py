@@ -39,7 +39,7 @@ def test_track_flow_runs_on_seconds_of_the_sample_clip(models_dir: Path) -> None
         assert f"  {mode}" in r.stdout
 
 
-def test_soak_and_bench_parse_their_arguments() -> None:
+def test_soak_and_spool_outage_parse_their_arguments() -> None:
     for module in ("devtools.soak", "devtools.spool_outage"):
         r = _dev(module, "--help", timeout=60)
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr

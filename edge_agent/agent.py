@@ -190,6 +190,7 @@ class Agent:
         self.totals = DailyTotals(self.spool, self._publish_counts)
         self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()), self.totals)
         self.totals.publish()
+        self.publisher.set_discovery_lines([ln.name for ln in cfg.count.lines])
         self.memory = MemoryGuard(cfg.memory)
 
     def _publish_counts(self, payload: str) -> None:
@@ -255,8 +256,9 @@ class Agent:
         self.source, self.pipe, self.cfg = source, pipe, new
         if "count.lines" in changed:
             pipe.set_lines(new.count.lines)
-        if new_publisher:
+        if new_publisher or "count.lines" in changed:
             self.totals.publish()
+            self.publisher.set_discovery_lines([ln.name for ln in new.count.lines])
         self.memory.configure(new.memory)
         service.update_logging(new.log_level, {"DEVICE": new.device_id, "CAMERA": new.camera})
         return sorted(changed)

@@ -123,6 +123,7 @@ class Publisher:
         self._counts: str | None = None  # the latest T/counts, sent again on every connect
         self._t_ha_status = f"{cfg.discovery_prefix}/status"
         device_id = device_id or base_topic.rsplit("/", 1)[-1]
+        self._t_base, self._device_id = base_topic, device_id
         self._discovery = (discovery.messages(cfg.discovery_prefix, base_topic, device_id)
                            if cfg.discovery else [])
         self._discovery_asked = 0  # bumped by callbacks
@@ -197,6 +198,15 @@ class Publisher:
         """Retained snapshot; dropped while offline since a newer one will follow."""
         if self._connected and self._outstanding < self._queue_max - _RESERVE // 2:
             self._send(self._t_state, _compact(state), retain=True)
+
+    def set_discovery_lines(self, lines: list[str]) -> None:
+        """Announce sensors for these counting lines too (sent again now)."""
+        msgs = discovery.messages(self._cfg.discovery_prefix, self._t_base, self._device_id,
+                                  lines)
+        if self._cfg.discovery and msgs != self._discovery:
+            self._discovery = msgs
+            self._discovery_asked += 1
+            self._wake.set()
 
     def publish_counts(self, payload: str) -> None:
         """Retained ``T/counts``; the latest is also sent at every (re)connect."""

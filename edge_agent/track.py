@@ -253,6 +253,8 @@ class Tracker:
         looks = [colour_histogram(frame.image, d.box) for d in dets]
         live = self._live
         if not live or not dets:
+            for t in live:
+                t.misses += 1
             return list(zip(dets, looks, strict=True))
         valid, cost = self._gates(live, dets, looks)
         pairs = [(i, j) for i, j in _hungarian(cost.tolist()) if valid[i, j]]
@@ -282,7 +284,8 @@ class Tracker:
           (chi-square), and the face does not reappear behind where it was last seen (a track
           heading right cannot continue as a face heading left);
         - size: within a factor 2, or `_SIZE_COAST` after a miss;
-        - looks: after a miss or an occlusion, the colours of the face box must still match."""
+        - looks: the colours of the face box must still match (a person who vanishes and
+          another who appears at that spot between two detector runs differ here only)."""
         pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
         db = np.array([d.box for d in dets], np.float64)
         tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
@@ -299,8 +302,7 @@ class Tracker:
         valid = near & size
         for i, t in enumerate(live):
             for j in np.flatnonzero(valid[i]):
-                valid[i, j] = self._fits_motion(t, dc[j]) and (
-                    not coasting[i, 0] or _same_look(t.look, looks[j]))
+                valid[i, j] = self._fits_motion(t, dc[j]) and _same_look(t.look, looks[j])
         return valid, np.where(valid, 1 - ious + dist, _INVALID)
 
     def _fits_motion(self, t: Track, c: np.ndarray) -> bool:

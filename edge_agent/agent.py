@@ -109,7 +109,8 @@ class Pipeline:
 
     def _count_lines(self, frame: Frame) -> None:
         h, w = frame.image.shape[:2]
-        for c in self.lines.update(self.tracker.tracks, w, h, self.events.announced):
+        for c in self.lines.update(self.tracker.tracks, frame.index, w, h,
+                                   self.events.announced):
             self.publish(self.events.crossed(c.track, frame, self.classifier.result(c.track.id),
                                              c.line, c.direction.value))
 

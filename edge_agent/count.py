@@ -86,16 +86,19 @@ class LineCounter:
             dx, dy = ln.b[0] * width - ax, ln.b[1] * height - ay
             self._px.append((ln.name, ax, ay, dx, dy, max((dx * dx + dy * dy) ** 0.5, 1e-9)))
 
-    def update(self, tracks: Iterable[Track], width: int, height: int,
+    def update(self, tracks: Iterable[Track], frame_index: int, width: int, height: int,
                announced: Callable[[Track], bool]) -> list[Crossing]:
-        """Follow every live track one frame; returns the crossings of announced tracks (those
-        of a track not yet announced wait for it)."""
+        """Follow every track measured in this frame (by detection or flow: a coasting track's
+        prediction may run on past where its face vanished); returns the crossings of announced
+        tracks (those of a track not yet announced wait for it)."""
         if not self._lines:
             return []
         if (width, height) != self._size:
             self._geometry(width, height)
         out: list[Crossing] = []
         for t in tracks:
+            if t.last_frame != frame_index:
+                continue
             st = self._tracks.get(t.id)
             if st is None:
                 st = self._tracks[t.id] = _TrackState()

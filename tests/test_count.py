@@ -36,7 +36,9 @@ def walk(counter: LineCounter, xs: list[float], y: float = 200.0, t: Track | Non
     out = []
     for x in xs:
         t.box = (x - 30, y - 30, 60, 60)
-        out += [(c.line, c.direction) for c in counter.update([t], W, H, lambda _: announced)]
+        t.last_frame += 1
+        out += [(c.line, c.direction)
+                for c in counter.update([t], t.last_frame, W, H, lambda _: announced)]
     return out
 
 
@@ -85,6 +87,15 @@ def test_crossings_wait_for_the_announcement() -> None:
     t2 = track(2)
     walk(c, [250.0, 400.0], t=t2, announced=False)
     assert [(x.line, x.direction) for x in c.ended(t2)] == [("door", Direction.IN)]
+
+
+def test_a_coasting_track_does_not_count() -> None:
+    c = LineCounter([DOOR])
+    t = track()
+    walk(c, [250.0], t=t)
+    t.box = (370, 170, 60, 60)
+    assert c.update([t], t.last_frame + 1, W, H, lambda _: True) == []  # not measured
+    assert walk(c, [400.0], t=t) == [("door", Direction.IN)]
 
 
 def test_new_lines_apply_at_once() -> None:

@@ -25,7 +25,8 @@ from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, _expected
 
 
 def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
-              overrides: dict[str, Any] | None = None) -> tuple[scenario.Score, float, int]:
+              overrides: dict[str, Any] | None = None, flip_age: bool = True
+              ) -> tuple[scenario.Score, float, int]:
     """The Pipeline over every frame; returns the score, counting CPU ms in all, frames."""
     from edge_agent.agent import Pipeline
 
@@ -41,6 +42,8 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
         events.append({**ev, "seq": len(events) + 1})
 
     pipe = Pipeline(cfg, publish, "bench")
+    if pipe.classifier.classifier is not None:
+        pipe.classifier.classifier.flip_age = flip_age
     counting_ns = 0
     count_lines, tick = pipe._count_lines, pipe.totals.tick
 
@@ -74,12 +77,13 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
 
 
 def stills(scn: scenario.Scenario, faces: Path, models: Path) -> dict[str, tuple[str, float]]:
-    """The same models on each person's original still crop: file -> (gender, age)."""
+    """The same models, as they are (one pass each), on each person's original still crop:
+    file -> (gender, age)."""
     from edge_agent.detect import make_detector
 
     cfg = config.from_dict({"source": {"uri": "x"}, "models": {"dir": str(models)}})
     detector = make_detector(cfg.detect, str(models))
-    clf = FaceClassifier(str(models / GENDER_FILE), str(models / AGE_FILE))
+    clf = FaceClassifier(str(models / GENDER_FILE), str(models / AGE_FILE), flip_age=False)
     out = {}
     for p in scn.people:
         img = cv2.imread(str(faces / p.file))
@@ -102,6 +106,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=12)
     ap.add_argument("--samples", type=int, help="classify.samples")
     ap.add_argument("--window", type=int, help="classify.window")
+    ap.add_argument("--no-flip", action="store_true", help="age model without flip averaging")
     a = ap.parse_args()
     base = scenario.shared_dir(a.shared)
     faces, models = base / "data" / "faces", base / "models"
@@ -116,7 +121,7 @@ def main() -> None:
             scn = scenario.plan_followers(faces, episodes=a.episodes, seed=seed)
             clip = scenario.render(scn, faces, Path(work) / f"door{seed}.mp4",
                                    h264=shutil.which("ffmpeg") is not None)
-            score, count_ms, frames = run_scene(clip, scn, models, overrides)
+            score, count_ms, frames = run_scene(clip, scn, models, overrides, not a.no_flip)
             print(f"seed {seed}: {frames} frames, {score.summary()}")
             truth = sum(sum(d.values()) for d in score.lines_truth.values())
             for k, v in (("people", score.people), ("found", score.found),

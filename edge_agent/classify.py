@@ -113,23 +113,33 @@ def face_quality(image: np.ndarray, det: Detection) -> float:
 
 
 class FaceClassifier:
-    """Cydral gender v1 (32 px chip) and age v1 (64 px chip), each chip warped from the frame."""
+    """Cydral gender v1 (32 px chip) and age v1 (64 px chip), each chip warped from the frame.
 
-    def __init__(self, gender_model: str, age_model: str) -> None:
+    With `flip_age` the age model also sees the mirrored chip and the two softmaxes are
+    averaged (one more ~3 ms pass per chip; on 400 stills MAE 6.97 -> 6.77, no gain on gender).
+    """
+
+    def __init__(self, gender_model: str, age_model: str, flip_age: bool = True) -> None:
         self._gender = cv2.dnn.readNet(gender_model)
         self._age = cv2.dnn.readNet(age_model)
         self._chips = {n: np.empty((n, n, 3), np.uint8) for n in (32, 64)}
+        self.flip_age = flip_age
 
-    def _run(self, net: cv2.dnn.Net, image: np.ndarray, eyes: np.ndarray, size: int) -> np.ndarray:
+    def _run(self, net: cv2.dnn.Net, image: np.ndarray, eyes: np.ndarray, size: int,
+             flip: bool = False) -> np.ndarray:
         chip = align_chip(image, eyes, size, out=self._chips[size])
-        net.setInput(cv2.dnn.blobFromImage(chip, 1 / 256, (size, size), _MEAN_RGB, swapRB=True))
-        return np.array(net.forward(), np.float32).reshape(-1)
+        if flip:
+            chip = np.stack((chip, cv2.flip(chip, 1)))
+        blob = cv2.dnn.blobFromImages(chip if flip else [chip], 1 / 256, (size, size),
+                                      _MEAN_RGB, swapRB=True)
+        net.setInput(blob)
+        return np.array(net.forward(), np.float32).reshape(len(blob), -1).mean(0)
 
     def predict(self, image: np.ndarray, det: Detection) -> tuple[float, np.ndarray]:
         """(P(male), softmax over ages 0..80) for one detected face."""
         eyes = _eyes(det)
         p_male = float(self._run(self._gender, image, eyes, 32)[1])
-        return p_male, self._run(self._age, image, eyes, 64)
+        return p_male, self._run(self._age, image, eyes, 64, self.flip_age)
 
 
 def _expected_age(age_probs: np.ndarray) -> float:

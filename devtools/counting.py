@@ -30,8 +30,9 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
     """The Pipeline over every frame; returns the score, counting CPU ms in all, frames."""
     from edge_agent.agent import Pipeline
 
-    raw = {"source": {"uri": str(clip), "realtime": False}, "models": {"dir": str(models)},
-           "count": {"lines": scn.lines}}
+    raw: dict[str, dict[str, Any]] = {
+        "source": {"uri": str(clip), "realtime": False}, "models": {"dir": str(models)},
+        "count": {"lines": scn.lines}}
     for k, v in (overrides or {}).items():
         raw.setdefault(k, {}).update(v)
     cfg = config.from_dict(raw)
@@ -87,6 +88,8 @@ def stills(scn: scenario.Scenario, faces: Path, models: Path) -> dict[str, tuple
     out = {}
     for p in scn.people:
         img = cv2.imread(str(faces / p.file))
+        if img is None:
+            raise FileNotFoundError(faces / p.file)
         pad = img.shape[0] // 4
         img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
                                  value=(110, 120, 130))

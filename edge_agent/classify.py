@@ -128,10 +128,8 @@ class FaceClassifier:
     def _run(self, net: cv2.dnn.Net, image: np.ndarray, eyes: np.ndarray, size: int,
              flip: bool = False) -> np.ndarray:
         chip = align_chip(image, eyes, size, out=self._chips[size])
-        if flip:
-            chip = np.stack((chip, cv2.flip(chip, 1)))
-        blob = cv2.dnn.blobFromImages(chip if flip else [chip], 1 / 256, (size, size),
-                                      _MEAN_RGB, swapRB=True)
+        chips = [chip, cv2.flip(chip, 1)] if flip else [chip]
+        blob = cv2.dnn.blobFromImages(chips, 1 / 256, (size, size), _MEAN_RGB, swapRB=True)
         net.setInput(blob)
         return np.array(net.forward(), np.float32).reshape(len(blob), -1).mean(0)
 

@@ -244,7 +244,7 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         ok = False
     if ok and "length" in meta and len(value) != meta["length"]:
         ok = False
-    if ok and "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+    if ok and "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
         ok = False
     if not ok:
         raise ConfigError(f"{path}: expected {_describe(base, meta)}, got {_show(raw)}")

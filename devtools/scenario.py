@@ -324,20 +324,22 @@ class Score:
                    f"{self.line_error:.1%})" if self.lines_truth else ""))
 
 
-def _owner(scn: Scenario, ev: dict) -> int:
-    """The person whose true box overlaps the event's box most (IoU > 0.3), else -1."""
-    best, best_iou = -1, 0.3
-    for i, p in enumerate(scn.people):
-        b = p.box(ev["frame"])
-        if b is not None and (v := float(iou(np.array([b]), np.array([ev["box"]]))[0, 0])
-                              ) > best_iou:
-            best, best_iou = i, v
-    return best
+def _owner(scn: Scenario, ev: dict, clear: bool = False) -> int:
+    """The person whose true box overlaps the event's box most (IoU > 0.3), else -1. With
+    `clear`, -1 also where a second person's box overlaps it too (faces passing each other:
+    the box cannot tell whose it is)."""
+    ious = sorted(((float(iou(np.array([b]), np.array([ev["box"]]))[0, 0]), i)
+                   for i, p in enumerate(scn.people) if (b := p.box(ev["frame"])) is not None),
+                  reverse=True)
+    if not ious or ious[0][0] <= 0.3 or (clear and len(ious) > 1 and ious[1][0] > 0.3):
+        return -1
+    return ious[0][1]
 
 
 def evaluate(scn: Scenario, events: list[dict]) -> Score:
-    """Match each track's `new` event to the person whose true box overlaps it most; a track
-    whose events overlap two different people holds two people (`mixed`)."""
+    """A track belongs to the person whose true box overlaps its events' boxes most often
+    (events where two people's boxes overlap are left out, else its `new`); a track whose
+    events clearly show two different people holds two people (`mixed`)."""
     by_track: dict[str, list[dict]] = {}
     for ev in events:
         by_track.setdefault(ev["track_id"], []).append(ev)
@@ -349,8 +351,9 @@ def evaluate(scn: Scenario, events: list[dict]) -> Score:
         kinds = [e["type"] for e in evs]
         events_ok &= kinds.count("new") == 1 and kinds.count("end") == 1 and kinds[0] == "new" \
             and kinds[-1] == "end"
-        best = _owner(scn, evs[0])
-        mixed += len({_owner(scn, e) for e in evs} - {-1}) > 1
+        clear = [o for e in evs if (o := _owner(scn, e, clear=True)) >= 0]
+        best = max(set(clear), key=clear.count) if clear else _owner(scn, evs[0])
+        mixed += len(set(clear)) > 1
         if best < 0:
             false_tracks += 1
         else:

@@ -77,9 +77,11 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
     return scenario.evaluate(scn, events), counting_ns / 1e6, frames
 
 
-def stills(scn: scenario.Scenario, faces: Path, models: Path) -> dict[str, tuple[str, float]]:
-    """The same models, as they are (one pass each), on each person's original still crop:
-    file -> (gender, age)."""
+def stills(scn: scenario.Scenario, faces: Path, models: Path, scene_size: bool = False
+           ) -> dict[str, tuple[str, float]]:
+    """The same models, as they are (one pass each), on each person's original still crop
+    (or, with `scene_size`, that crop resized to its size in the scene): file -> (gender,
+    age)."""
     from edge_agent.detect import make_detector
 
     cfg = config.from_dict({"source": {"uri": "x"}, "models": {"dir": str(models)}})
@@ -90,6 +92,8 @@ def stills(scn: scenario.Scenario, faces: Path, models: Path) -> dict[str, tuple
         img = cv2.imread(str(faces / p.file))
         if img is None:
             raise FileNotFoundError(faces / p.file)
+        if scene_size:
+            img = cv2.resize(img, (p.size, p.size), interpolation=cv2.INTER_AREA)
         pad = img.shape[0] // 4
         img = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_CONSTANT,
                                  value=(110, 120, 130))
@@ -118,7 +122,7 @@ def main() -> None:
     total: dict[str, float] = dict.fromkeys(
         ("people", "found", "tracks", "dup", "mixed", "false", "line_err", "line_true",
          "count_ms", "frames"), 0)
-    track_g, track_a, still_g, still_a = [], [], [], []
+    track_g, track_a, still_g, still_a, small_g, small_a = [], [], [], [], [], []
     with tempfile.TemporaryDirectory(prefix="edge-agent-counting-") as work:
         for seed in a.seeds:
             scn = scenario.plan_followers(faces, episodes=a.episodes, seed=seed)
@@ -134,10 +138,14 @@ def main() -> None:
                          ("count_ms", count_ms), ("frames", frames)):
                 total[k] += v
             still = stills(scn, faces, models)
+            small = stills(scn, faces, models, scene_size=True)
             for i, p in enumerate(scn.people):
                 ans = score.answers.get(i)
-                if ans is None or p.file not in still or ans[0] is None or ans[1] is None:
+                if (ans is None or p.file not in still or p.file not in small or ans[0] is None
+                        or ans[1] is None):
                     continue
+                small_g.append(small[p.file][0] == p.gender)
+                small_a.append(abs(small[p.file][1] - p.age))
                 track_g.append(ans[0] == p.gender)
                 track_a.append(abs(ans[1] - p.age))
                 still_g.append(still[p.file][0] == p.gender)
@@ -152,7 +160,8 @@ def main() -> None:
     print(f"demographics on the same {m} people: per-track gender {np.mean(track_g):.1%}, "
           f"age MAE {np.mean(track_a):.2f}; stills gender {np.mean(still_g):.1%}, age MAE "
           f"{np.mean(still_a):.2f}; gap {100 * (np.mean(still_g) - np.mean(track_g)):+.1f} "
-          f"points, {np.mean(track_a) - np.mean(still_a):+.2f} years")
+          f"points, {np.mean(track_a) - np.mean(still_a):+.2f} years; stills at their size in "
+          f"the scene: gender {np.mean(small_g):.1%}, age MAE {np.mean(small_a):.2f}")
 
 
 if __name__ == "__main__":

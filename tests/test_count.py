@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
@@ -241,3 +242,37 @@ def test_counts_are_retained_and_sent_again_on_every_connect(broker: Broker, spo
         c.loop_stop()
     finally:
         pub.stop()
+
+
+def test_a_reload_applies_new_lines_and_keeps_tracks_and_totals(
+        tmp_path: Path, faces_dir: Path, models_dir: Path) -> None:
+    import contextlib
+
+    import yaml
+
+    from devtools import scenario
+    from devtools.broker import free_port
+    from edge_agent import agent, config
+
+    clip = scenario.render(scenario.plan(faces_dir, people=1, seed=5), faces_dir,
+                           tmp_path / "scene.mp4")
+    path = tmp_path / "agent.yaml"
+    raw: dict[str, Any] = {"source": {"uri": str(clip), "loop": True},
+                           "models": {"dir": str(models_dir)},
+                           "mqtt": {"port": free_port(), "discovery": False},
+                           "spool": {"path": str(tmp_path / "spool.db")}}
+    path.write_text(yaml.safe_dump(raw))
+    with contextlib.ExitStack() as cleanup:
+        a = agent.Agent(config.load(path), cleanup)
+        pipe = a.pipe
+        assert pipe.lines.lines == () and a.totals.counts["lines"] == {}
+        raw["count"] = {"lines": [{"name": "door", "a": [0.5, 1.0], "b": [0.5, 0.0]}]}
+        path.write_text(yaml.safe_dump(raw))
+        a.reload(str(path))
+        assert a.pipe is pipe and [ln.name for ln in pipe.lines.lines] == ["door"]
+        assert a.totals.counts["lines"] == {"door": {"in": 0, "out": 0}}
+        raw["track"] = {"max_unseen_s": 2.0}  # a new pipeline: the day's totals carry on
+        path.write_text(yaml.safe_dump(raw))
+        a.reload(str(path))
+        assert a.pipe is not pipe and a.pipe.totals is a.totals
+        assert [ln.name for ln in a.pipe.lines.lines] == ["door"]

@@ -322,18 +322,19 @@ def test_face_leaving_by_the_edge_ends_when_the_detector_loses_it() -> None:
 
 
 def test_a_coasting_face_does_not_come_back_going_the_other_way() -> None:
-    # A walks right and is lost for a run; B appears just behind where A was last seen and
-    # walks left. Only the direction rule tells them apart (same size, same colours).
+    # A strolls right and is lost for a run; B appears a little behind where A was last seen,
+    # near enough to A's prediction to match, and strolls left. Same size, same colours: only
+    # the motion rules tell them apart.
     tr = Tracker(TrackConfig(optical_flow=False, max_unseen_s=2.0))
     ids = set()
-    for i in range(50):
-        dets = [det(100 + 8 * i, 100)] if i <= 20 else []  # last seen at x 260
-        if i >= 28:
-            dets = [det(250 - 8 * (i - 28), 100)]
+    for i in range(60):
+        dets = [det(100 + 1.5 * i, 100)] if i <= 20 else []  # last seen at x 130
+        if i >= 30:
+            dets = [det(110 - 1.5 * (i - 30), 100)]
         step(tr, i, dets)
         if i % EVERY == 0 and i >= 30:
             ids |= {t.id for t in tr.tracks if t.detection is not None}
-    assert 1 not in ids
+    assert ids == {2}
 
 
 def test_another_face_where_one_vanished_gets_its_own_track(

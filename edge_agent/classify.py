@@ -223,10 +223,6 @@ class TrackClassifier:
         self.min_face_px = min_face_px
         self._votes: dict[int, TrackAttributes] = {}
 
-    @property
-    def enabled(self) -> bool:
-        return self.classifier is not None
-
     def _vote(self, track_id: int) -> TrackAttributes:
         v = self._votes.get(track_id)
         if v is None:
@@ -254,10 +250,6 @@ class TrackClassifier:
         p_male, ages = self.classifier.predict(image, det)
         votes.add(q, p_male, ages)
         return (time.perf_counter() - t0) * 1e3
-
-    def add(self, track_id: int, quality: float, p_male: float, ages: np.ndarray) -> None:
-        """A vote from elsewhere (tests, replays)."""
-        self._vote(track_id).add(quality, p_male, ages)
 
     def result(self, track_id: int) -> Attributes | None:
         v = self._votes.get(track_id)

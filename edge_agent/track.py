@@ -83,7 +83,7 @@ class Track:
     misses: int = 0  # detector runs in a row without its face (coasting), occlusions aside
     first_seen_ts: float = 0.0  # Frame.ts of the first detection (wall clock), for dwell time
     last_centre: tuple[float, float] = (0.0, 0.0)  # centre of the last matched detection
-    look: np.ndarray | None = field(default=None, repr=False)  # colour histogram of the face
+    look: np.ndarray | None = field(default=None, repr=False)  # colours at the last match
     kf: cv2.KalmanFilter = field(default_factory=_new_kf, repr=False)
 
 
@@ -259,7 +259,7 @@ class Tracker:
             for t in live:
                 t.misses += 1
             return list(zip(dets, looks, strict=True))
-        valid, cost = self._gates(live, dets, looks)
+        valid, cost, ious = self._gates(live, dets, looks)
         pairs = [(i, j) for i, j in _hungarian(cost.tolist()) if valid[i, j]]
         matched = {i for i, _ in pairs}
         taken = [False] * len(dets)
@@ -273,22 +273,26 @@ class Tracker:
                     live[k].occluded = True
                     live[k].hidden_runs += 1
                 continue
-            self._match(live[i], dets[j], looks[j], frame)
+            others = np.delete(ious[:, j], i)  # another face overlapping taints the colours
+            self._match(live[i], dets[j], None if (others > 0).any() else looks[j], frame)
         for i, t in enumerate(live):
             if i not in matched and not t.occluded:
                 t.misses += 1
         return [(d, look) for d, look, k in zip(dets, looks, taken, strict=True) if not k]
 
     def _gates(self, live: list[Track], dets: list[Detection], looks: list[np.ndarray | None]
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Which (track, detection) pairs may match, and their cost. Rules, each on its own:
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which (track, detection) pairs may match, their cost, and the IoU of each track's
+        prediction with each detection. Rules, each on its own:
         - near: IoU with the prediction, or the centre within `_GATE_DIST` face sizes;
         - motion, after a miss: the centre's Kalman innovation within `_MOTION_GATE`
           (chi-square), and the face does not reappear behind where it was last seen (a track
           heading right cannot continue as a face heading left);
         - size: within a factor 2, or `_SIZE_COAST` after a miss;
-        - looks: the colours of the face box must still match (a person who vanishes and
-          another who appears at that spot between two detector runs differ here only)."""
+        - looks: the colours of the face box must match those at the track's last match (a
+          person who vanishes and another who appears at that spot between two detector runs
+          differ here only); not for a track seen at the last run whose detection other faces
+          overlap (their colours mix in: motion decides there)."""
         pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
         db = np.array([d.box for d in dets], np.float64)
         tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
@@ -303,10 +307,12 @@ class Tracker:
         size_max = np.where(coasting, _SIZE_COAST, 2.0)
         size = (area > 1 / size_max) & (area < size_max)
         valid = near & size
+        crowded = (ious > 0).sum(0) > 1  # faces overlapping: colours mix, motion decides
         for i, t in enumerate(live):
             for j in np.flatnonzero(valid[i]):
-                valid[i, j] = self._fits_motion(t, dc[j]) and _same_look(t.look, looks[j])
-        return valid, np.where(valid, 1 - ious + dist, _INVALID)
+                valid[i, j] = self._fits_motion(t, dc[j]) and (
+                    (crowded[j] and not coasting[i, 0]) or _same_look(t.look, looks[j]))
+        return valid, np.where(valid, 1 - ious + dist, _INVALID), ious
 
     def _fits_motion(self, t: Track, c: np.ndarray) -> bool:
         if t.hits < 2 or (t.misses == 0 and t.hidden_runs == 0):
@@ -335,7 +341,7 @@ class Tracker:
         t.last_det_ts = frame.mono
         t.last_centre = (x + w / 2, y + h / 2)
         if look is not None:
-            t.look = look if t.look is None else 0.7 * t.look + 0.3 * look
+            t.look = look  # the latest: a face changes slowly (turning, light), people abruptly
 
     def _apply_flow(self, frame: Frame) -> None:
         """Corrects unmatched tracks by flow, except where faces overlap and flow cannot tell

@@ -4,6 +4,10 @@ Each face has a constant-velocity Kalman filter over (cx, cy, w, h) and their ra
 seconds from ``Frame.mono`` so that live sources that drop frames still predict the right distance.
 It is predicted every frame, corrected by the detection matched to it (optimal assignment on IoU,
 gated by centre distance) and, between detections, by sparse optical flow inside its box.
+
+One person per track: a track ends where its face leaves the picture, and a detection joins a
+track only if it fits the track's motion, size and colours (`Tracker._gates`), so the next person
+entering where the last one left does not inherit the track.
 """
 
 from __future__ import annotations
@@ -112,9 +116,7 @@ class Tracker:
         """Advance one frame (`detections` is None on frames the detector skipped).
         Returns the confirmed tracks that ended in this step.
 
-        Each rule is one step below; together they keep one person per track: a track ends
-        where its face leaves the picture, and a detection joins a track only if it fits the
-        track's motion, size and (after a miss) colours."""
+        Each rule is one step below."""
         self._advance(frame.mono)
         self._predict_all()
         gone = self._end_left_view(frame)

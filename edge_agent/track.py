@@ -46,9 +46,11 @@ _SIZE_COAST = 1.35  # size ratio a face may change by while unseen for a detecto
 # Colours: on the generated door scenes (2 x 24 people, YuNet boxes every 5th frame, pairs up
 # to 20 frames apart) the same face scored at most 0.255, two faces at least 0.29 (p1 0.34);
 # hue x saturation histograms overlapped (same up to 0.54, others from 0.16).
-_LOOK_GATE = 0.28  # Bhattacharyya distance between a track's colours and a detection's
+_LOOK_GATE = 0.28  # Bhattacharyya distance between a track's colours and a detection's ...
+_LOOK_GATE_SEEN = 0.45  # ... or, for a track seen at the last run, between two runs
 _LOOK_SPAN = 0.5  # central part of the box whose colours identify the face
 _LOOK_BINS = 8  # per B, G, R channel
+_CROWD_DIST = 1.5  # face sizes: closer faces mix their colours into each other's boxes
 _EXIT_SPEED = 0.3  # face sizes per second: slower than this, a face at the edge is not leaving
 
 _FLOW_WIDTH = 320  # flow runs on a grey copy this wide: faces stay >= ~10 px, pyramids stay cheap
@@ -293,8 +295,9 @@ class Tracker:
         - size: within a factor 2, or `_SIZE_COAST` after a miss;
         - looks: the colours of the face box must match those at the track's last match (a
           person who vanishes and another who appears at that spot between two detector runs
-          differ here only); not for a track seen at the last run whose detection other faces
-          overlap (their colours mix in: motion decides there)."""
+          differ here only); where other faces overlap the detection their colours mix in, so
+          there only a track that missed a run is held to it (the occlusion rule above and
+          motion decide for faces passing each other)."""
         pred = np.array([t.kf.statePost[:4, 0] for t in live], np.float64)
         db = np.array([d.box for d in dets], np.float64)
         tc, tsz = pred[:, :2], np.maximum(pred[:, 2:], _MIN_PX)
@@ -309,11 +312,12 @@ class Tracker:
         size_max = np.where(coasting, _SIZE_COAST, 2.0)
         size = (area > 1 / size_max) & (area < size_max)
         valid = near & size
-        crowded = (ious > 0).sum(0) > 1  # faces overlapping: colours mix, motion decides
+        crowded = _crowded(ious, db)
         for i, t in enumerate(live):
             for j in np.flatnonzero(valid[i]):
                 valid[i, j] = self._fits_motion(t, dc[j]) and (
-                    (crowded[j] and not coasting[i, 0]) or _same_look(t.look, looks[j]))
+                    (crowded[j] and t.misses == 0)
+                    or _same_look(t.look, looks[j], _LOOK_GATE if t.misses else _LOOK_GATE_SEEN))
         return valid, np.where(valid, 1 - ious + dist, _INVALID), ious
 
     def _fits_motion(self, t: Track, c: np.ndarray) -> bool:
@@ -426,10 +430,13 @@ class _Flow:
 
 def colour_histogram(image: np.ndarray, box: Box) -> np.ndarray | None:
     """Colour histogram (normalised to sum 1) of the central part of a face box, a cheap
-    signature that tells two people apart; None if too little of the box is in view."""
+    signature that tells two people apart; None for a face cut off by the border (the box
+    covers only the part in view, so its centre is elsewhere on the face)."""
     x, y, w, h = box
     m = (1 - _LOOK_SPAN) / 2
     fh, fw = image.shape[:2]
+    if x < 1 or y < 1 or x + w > fw - 1 or y + h > fh - 1:
+        return None
     x0, y0 = max(int(x + m * w), 0), max(int(y + m * h), 0)
     x1, y1 = min(int(x + (1 - m) * w), fw), min(int(y + (1 - m) * h), fh)
     if x1 - x0 < 4 or y1 - y0 < 4:
@@ -438,10 +445,19 @@ def colour_histogram(image: np.ndarray, box: Box) -> np.ndarray | None:
     return hist / max(float(hist.sum()), 1.0)
 
 
-def _same_look(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+def _crowded(ious: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """Per detection: another face is close (another track's prediction overlaps it, or
+    another detection is within `_CROWD_DIST` face sizes), so colours may mix."""
+    c = db[:, :2] + db[:, 2:] / 2
+    d = np.linalg.norm(c[:, None] - c[None], axis=2) / db[:, 2:].mean(1)[:, None]
+    np.fill_diagonal(d, np.inf)
+    return ((ious > 0).sum(0) > 1) | (d.min(1, initial=np.inf) < _CROWD_DIST)
+
+
+def _same_look(a: np.ndarray | None, b: np.ndarray | None, gate: float) -> bool:
     if a is None or b is None:
         return True
-    return cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA) <= _LOOK_GATE
+    return cv2.compareHist(a, b, cv2.HISTCMP_BHATTACHARYYA) <= gate
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

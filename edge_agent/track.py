@@ -45,7 +45,8 @@ _BACKTRACK = 0.25  # face sizes a coasting face may appear behind its last sight
 _SIZE_COAST = 1.35  # size ratio a face may change by while unseen for a detector run or more
 # Colours: on the generated door scenes (2 x 24 people, YuNet boxes every 5th frame, pairs up
 # to 20 frames apart) the same face scored at most 0.255, two faces at least 0.29 (p1 0.34);
-# hue x saturation histograms overlapped (same up to 0.54, others from 0.16).
+# hue x saturation histograms overlapped (same up to 0.54, others from 0.16). Between two runs
+# a face on the real clip changed by up to 0.18, one in a generated crossing by 0.355.
 _LOOK_GATE = 0.28  # Bhattacharyya distance between a track's colours and a detection's ...
 _LOOK_GATE_SEEN = 0.45  # ... or, for a track seen at the last run, between two runs
 _LOOK_SPAN = 0.5  # central part of the box whose colours identify the face
@@ -289,9 +290,9 @@ class Tracker:
         """Which (track, detection) pairs may match, their cost, and the IoU of each track's
         prediction with each detection. Rules, each on its own:
         - near: IoU with the prediction, or the centre within `_GATE_DIST` face sizes;
-        - motion, after a miss: the centre's Kalman innovation within `_MOTION_GATE`
-          (chi-square), and the face does not reappear behind where it was last seen (a track
-          heading right cannot continue as a face heading left);
+        - motion: the face is not found behind where it was last seen (a track heading right
+          cannot continue as a face heading left); after a miss, also the centre's Kalman
+          innovation within `_MOTION_GATE` (chi-square);
         - size: within a factor 2, or `_SIZE_COAST` after a miss;
         - looks: the colours of the face box must match those at the track's last match (a
           person who vanishes and another who appears at that spot between two detector runs
@@ -321,14 +322,15 @@ class Tracker:
         return valid, np.where(valid, 1 - ious + dist, _INVALID), ious
 
     def _fits_motion(self, t: Track, c: np.ndarray) -> bool:
-        if t.hits < 2 or (t.misses == 0 and t.hidden_runs == 0):
-            return True  # no speed known yet, or seen at the last run: `near` suffices
+        if t.hits < 2:
+            return True  # no speed known yet
         kf = t.kf
         h = max(float(kf.statePost[3, 0]), 1.0)
-        s = kf.errorCovPost[:2, :2] + self._r_det[:2, :2] * (h * h)
-        r = c.astype(np.float32) - kf.statePost[:2, 0]
-        if float(r @ np.linalg.solve(s, r)) > _MOTION_GATE:
-            return False
+        if t.misses or t.hidden_runs:  # seen at the last run: `near` is as tight
+            s = kf.errorCovPost[:2, :2] + self._r_det[:2, :2] * (h * h)
+            r = c.astype(np.float32) - kf.statePost[:2, 0]
+            if float(r @ np.linalg.solve(s, r)) > _MOTION_GATE:
+                return False
         v = kf.statePost[4:6, 0]
         speed = float(np.linalg.norm(v))
         if speed < _EXIT_SPEED * h:
@@ -339,7 +341,7 @@ class Tracker:
     def _match(self, t: Track, d: Detection, look: np.ndarray | None, frame: Frame) -> None:
         t.hidden_runs = t.misses = 0
         x, y, w, h = d.box
-        self._correct(t, (x + w / 2, y + h / 2, w, h), self._r_det)
+        self._correct(t, _leaving_box(t, d.box, frame.image.shape), self._r_det)
         t.detection, t.det_score = d, d.score
         t.hits += 1
         t.confirmed = t.confirmed or t.hits >= self._cfg.confirm_hits
@@ -426,6 +428,22 @@ class _Flow:
             dx, dy = (np.median(p1[k, g] - p0[k, g], 0) / s).tolist()
             out.append((x + w / 2 + dx, y + h / 2 + dy))
         return out
+
+
+def _leaving_box(t: Track, box: Box, shape: tuple[int, ...]) -> Box:
+    """The measurement (cx, cy, w, h) of a detection. Where the border cuts the box of a face
+    heading out (the detector clips it there), the box holds only the part in view, its centre
+    lags behind the face's and would turn the track round: along that axis the prediction
+    stands."""
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    px, py, pw, ph, vx, vy = t.kf.statePost[:6, 0].tolist()
+    fh, fw = shape[:2]
+    if (abs(x) < 1 and vx < 0) or (abs(x + w - fw) < 1 and vx > 0):
+        cx, w = px, pw
+    if (abs(y) < 1 and vy < 0) or (abs(y + h - fh) < 1 and vy > 0):
+        cy, h = py, ph
+    return cx, cy, w, h
 
 
 def colour_histogram(image: np.ndarray, box: Box) -> np.ndarray | None:

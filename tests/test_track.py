@@ -123,7 +123,7 @@ def test_face_leaving_the_view_ends_at_once() -> None:
     tr = Tracker(TrackConfig(optical_flow=False, max_unseen_s=5.0))
     ended: list[tuple[int, Track]] = []
     for i in range(40):
-        x = 500 + 8 * i  # the centre crosses the right edge (640) at frame 14
+        x = 501 + 8 * i  # the centre crosses the right edge (640) at frame 14
         ended += [(i, t) for t in step(tr, i, [det(x, 100)] if x + 30 < 640 else [])]
     assert [i for i, _ in ended] == [14]
 
@@ -375,3 +375,4 @@ def test_door_scene_keeps_one_person_per_track(faces_dir: Path, models_dir: Path
     assert score.mixed == 0 and score.found == len(scn.people), score.summary()
     assert score.duplicates == 0 and score.false_tracks == 0, score.summary()
     assert score.line_error == 0, score.summary()
+

@@ -12,7 +12,7 @@ import json
 import os
 import random
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -73,6 +73,7 @@ class Scenario:
     fps: float
     frames: int
     people: list[Person]
+    lines: list[dict] = field(default_factory=list)  # count.lines entries: name, a, b
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -115,6 +116,99 @@ def plan(faces_dir: Path, people: int = 6, seed: int = 7, width: int = 640, heig
         start += frames // 2 + rng.randint(0, int(fps))
     total = max(p.start + p.frames for p in out) + int(fps)
     return Scenario(width, height, fps, total, out)
+
+
+DOOR_LINES = [{"name": "door", "a": [0.3, 1.0], "b": [0.3, 0.0]},
+              {"name": "shelf", "a": [0.8, 1.0], "b": [0.8, 0.55]}]
+
+
+def plan_followers(faces_dir: Path, episodes: int = 12, seed: int = 11, width: int = 640,
+                   height: int = 480, fps: float = 15.0) -> Scenario:
+    """People following each other through the same spot, as at a shop door, with two
+    counting lines (`door` across the whole height, `shelf` only the lower part). Episodes,
+    in turn: the next person enters at the edge where the previous one just left, walking
+    back (within a second); the previous one vanishes mid-frame (through a doorway) and the
+    next appears at that spot within a second, going on the same way or turning back; two
+    walk towards each other with overlapping faces; one follows another a second behind.
+    Between episodes the room is empty for a while."""
+    rng = random.Random(seed)
+    rows = [r for r in csv.DictReader((faces_dir / "labels.csv").open())
+            if 18 <= int(r["age"]) <= 75]
+    rng.shuffle(rows)
+    out: list[Person] = []
+    start = 5
+
+    def person(size: int, first: int, frames: int, x0: float, y0: float, x1: float,
+               y1: float) -> Person:
+        r = rows[len(out) % len(rows)]
+        y0, y1 = (min(max(v, 0.0), height - size) for v in (y0, y1))
+        p = Person(r["file"], r["gender"], int(r["age"]), size, max(first, 0), frames, x0, y0,
+                   x1, y1)
+        out.append(p)
+        return p
+
+    def speed_frames(dist: float) -> int:  # 100..160 px/s, as people walk past a camera
+        return max(int(dist / rng.uniform(100, 160) * fps), 2)
+
+    for e in range(episodes):
+        kind = e % 5
+        size = rng.randint(90, 140)
+        lane = rng.uniform(0.1, 0.5) * height
+        ltr = rng.random() < 0.5
+        xa, xb = -size + 1.0, width - 1.0
+        if kind == 0:  # out by an edge, the next in by that edge within a second, walking back
+            x0, x1 = (xa, xb) if ltr else (xb, xa)
+            a = person(size, start, speed_frames(width + size), x0, lane, x1, lane)
+            b_size = rng.randint(90, 140)
+            gap = rng.randint(-int(0.3 * fps), int(fps))
+            b = person(b_size, a.start + a.frames + gap, speed_frames(width + b_size),
+                       x1, lane + rng.uniform(-0.2, 0.2) * size, x0, lane)
+            end = b.start + b.frames
+        elif kind in (1, 2):  # vanishes mid-frame; the next appears there, same way or back
+            spot = rng.uniform(0.55, 0.7) * width if ltr else rng.uniform(0.3, 0.45) * width
+            x0 = xa if ltr else xb
+            a = person(size, start, speed_frames(abs(spot - x0)), x0, lane, spot, lane)
+            b_size = rng.randint(90, 140)
+            far = (xb if ltr else xa) if kind == 1 else x0
+            b = person(b_size, a.start + a.frames + rng.randint(2, int(fps)),
+                       speed_frames(abs(far - spot)), spot, lane + rng.uniform(-0.1, 0.1) * size,
+                       far, lane)
+            end = b.start + b.frames
+        elif kind == 3:  # two walk towards each other, faces overlapping as they pass
+            a = person(size, start, speed_frames(width + size), xa, lane, xb, lane)
+            frames = speed_frames(width + size)
+            b = person(rng.randint(90, 140), a.start + (a.frames - frames) // 2, frames, xb,
+                       lane + rng.choice((-0.45, 0.45)) * size, xa, lane)
+            end = max(a.start + a.frames, b.start + b.frames)
+        else:  # a close follower, a second behind in the same lane
+            x0, x1 = (xa, xb) if ltr else (xb, xa)
+            a = person(size, start, speed_frames(width + size), x0, lane, x1, lane)
+            b = person(rng.randint(90, 140), a.start + rng.randint(int(0.7 * fps), int(1.2 * fps)),
+                       a.frames, x0, lane + rng.uniform(-0.2, 0.2) * size, x1, lane)
+            end = b.start + b.frames
+        start = end + rng.randint(int(1 * fps), int(4 * fps))  # an empty room for a while
+    return Scenario(width, height, fps, start, out, [dict(d) for d in DOOR_LINES])
+
+
+def line_truth(scn: Scenario) -> dict[str, dict[str, int]]:
+    """Crossings of each line by each person's face centre (docs/contract.md's direction rule)."""
+    out: dict[str, dict[str, int]] = {}
+    for ln in scn.lines:
+        ax, ay = ln["a"][0] * scn.width, ln["a"][1] * scn.height
+        dx, dy = ln["b"][0] * scn.width - ax, ln["b"][1] * scn.height - ay
+        counts = out[ln["name"]] = {"in": 0, "out": 0}
+        for p in scn.people:
+            h = p.size / 2
+            c0, c1 = (p.x0 + h, p.y0 + h), (p.x1 + h, p.y1 + h)
+            s0, s1 = (dx * (c[1] - ay) - dy * (c[0] - ax) for c in (c0, c1))
+            if s0 * s1 >= 0:
+                continue
+            k = s0 / (s0 - s1)  # where the path meets the line ...
+            px, py = c0[0] + k * (c1[0] - c0[0]), c0[1] + k * (c1[1] - c0[1])
+            u = ((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy)
+            if 0 <= u <= 1:  # ... within the segment
+                counts["in" if s1 > 0 else "out"] += 1
+    return out
 
 
 def background(width: int, height: int, seed: int = 1) -> np.ndarray:
@@ -199,6 +293,10 @@ class Score:
     age_errors: list[float]
     latencies: list[int]  # frames from fully entering to the `new` event
     events_ok: bool  # one new and one end per track, seq without gaps
+    mixed: int = 0  # tracks whose events show two different people (carry-over or swap)
+    lines: dict[str, dict[str, int]] = field(default_factory=dict)  # `cross` events counted
+    lines_truth: dict[str, dict[str, int]] = field(default_factory=dict)
+    answers: dict[int, tuple[str | None, float | None]] = field(default_factory=dict)
 
     @property
     def recall(self) -> float:
@@ -207,6 +305,14 @@ class Score:
     @property
     def gender_accuracy(self) -> float:
         return self.gender_correct / self.gender_known if self.gender_known else 0.0
+
+    @property
+    def line_error(self) -> float:
+        """Sum of |counted - true| over lines and directions, over the true total."""
+        truth = sum(sum(d.values()) for d in self.lines_truth.values())
+        err = sum(abs(self.lines.get(n, {}).get(k, 0) - v)
+                  for n, d in self.lines_truth.items() for k, v in d.items())
+        return err / truth if truth else 0.0
 
     @property
     def age_mae(self) -> float:
@@ -218,39 +324,58 @@ class Score:
                 f"tracks {self.tracks}, duplicates {self.duplicates}, false {self.false_tracks}, "
                 f"gender {self.gender_accuracy:.0%} of {self.gender_known}, "
                 f"age MAE {self.age_mae:.1f} y, first `new` after full entry: median "
-                f"{lat[len(lat) // 2] if lat else 'n/a'} max {lat[-1] if lat else 'n/a'} frames")
+                f"{lat[len(lat) // 2] if lat else 'n/a'} max {lat[-1] if lat else 'n/a'} frames"
+                + (f", mixed tracks {self.mixed}" if self.mixed else "")
+                + (f", lines {self.lines} vs truth {self.lines_truth} (error "
+                   f"{self.line_error:.1%})" if self.lines_truth else ""))
+
+
+def _owner(scn: Scenario, ev: dict, clear: bool = False) -> int:
+    """The person whose true box overlaps the event's box most (IoU > 0.3), else -1. With
+    `clear`, -1 also where a second person's box overlaps it too (faces passing each other:
+    the box cannot tell whose it is)."""
+    ious = sorted(((float(iou(np.array([b]), np.array([ev["box"]]))[0, 0]), i)
+                   for i, p in enumerate(scn.people) if (b := p.box(ev["frame"])) is not None),
+                  reverse=True)
+    if not ious or ious[0][0] <= 0.3 or (clear and len(ious) > 1 and ious[1][0] > 0.3):
+        return -1
+    return ious[0][1]
 
 
 def evaluate(scn: Scenario, events: list[dict]) -> Score:
-    """Match each track's `new` event to the person whose true box overlaps it most."""
+    """A track belongs to the person whose true box overlaps its events' boxes most often
+    (events where two people's boxes overlap are left out, else its `new`); a track whose
+    events clearly show two different people holds two people (`mixed`)."""
     by_track: dict[str, list[dict]] = {}
     for ev in events:
         by_track.setdefault(ev["track_id"], []).append(ev)
     seqs = sorted(ev["seq"] for ev in events if "seq" in ev)
     events_ok = seqs == list(range(seqs[0], seqs[0] + len(seqs))) if seqs else True
     owners: dict[int, list[list[dict]]] = {}
-    false_tracks = 0
+    false_tracks = mixed = 0
     for evs in by_track.values():
         kinds = [e["type"] for e in evs]
         events_ok &= kinds.count("new") == 1 and kinds.count("end") == 1 and kinds[0] == "new" \
             and kinds[-1] == "end"
-        new = evs[0]
-        best, best_iou = -1, 0.3
-        for i, p in enumerate(scn.people):
-            b = p.box(new["frame"])
-            if b is not None and (v := float(iou(np.array([b]), np.array([new["box"]]))[0, 0])
-                                  ) > best_iou:
-                best, best_iou = i, v
+        clear = [o for e in evs if (o := _owner(scn, e, clear=True)) >= 0]
+        best = max(set(clear), key=clear.count) if clear else _owner(scn, evs[0])
+        mixed += len(set(clear)) > 1
         if best < 0:
             false_tracks += 1
         else:
             owners.setdefault(best, []).append(evs)
     score = Score(len(scn.people), len(owners), len(by_track),
-                  sum(len(v) - 1 for v in owners.values()), false_tracks, 0, 0, [], [], events_ok)
+                  sum(len(v) - 1 for v in owners.values()), false_tracks, 0, 0, [], [], events_ok,
+                  mixed, {}, line_truth(scn))
+    for ev in events:
+        if ev["type"] == "cross":
+            d = score.lines.setdefault(ev["line"], {"in": 0, "out": 0})
+            d[ev["direction"]] += 1
     for i, tracks in owners.items():
         p = scn.people[i]
         evs = min(tracks, key=lambda t: t[0]["frame"])
         last = evs[-1]  # `end` carries the final answer
+        score.answers[i] = (last["gender"], last["age"])
         if last["gender"] is not None:
             score.gender_known += 1
             score.gender_correct += last["gender"] == p.gender

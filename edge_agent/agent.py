@@ -15,8 +15,9 @@ import cv2
 
 from edge_agent import config, models, mqtt, service
 from edge_agent.capture import Frame, FrameSource, open_source
-from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, face_quality
-from edge_agent.config import Config, ConfigError, SourceConfig, topic_base
+from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
+from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
+from edge_agent.count import DailyTotals, LineCounter
 from edge_agent.detect import make_detector
 from edge_agent.events import EventBuilder
 from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
@@ -35,21 +36,22 @@ class Pipeline:
     """Everything that turns one frame into events; the loop in `run` drives it."""
 
     def __init__(self, cfg: Config, publish: Callable[[dict[str, Any]], object],
-                 run_id: str) -> None:
+                 run_id: str, totals: DailyTotals | None = None) -> None:
         mdir = cfg.models.dir
         self.cfg = cfg
         cv2.setNumThreads(cfg.threads)
         self.detector = make_detector(cfg.detect, mdir)
-        self.classifier = (FaceClassifier(f"{mdir}/{GENDER_FILE}", f"{mdir}/{AGE_FILE}")
-                           if cfg.classify.enabled else None)
+        c = cfg.classify
+        self.classifier = TrackClassifier(
+            FaceClassifier(f"{mdir}/{GENDER_FILE}", f"{mdir}/{AGE_FILE}") if c.enabled else None,
+            c.samples, c.window, c.min_face_px)
         self.tracker = Tracker(cfg.track)
-        self.events = EventBuilder(cfg.device_id, cfg.camera, run_id, cfg.classify.samples,
-                                   cfg.classify.window, cfg.classify.enabled)
+        self.events = EventBuilder(cfg.device_id, cfg.camera, run_id, c.enabled)
+        self.lines = LineCounter()
+        self.totals = totals or DailyTotals()
+        self.set_lines(cfg.count.lines)
         self._publish = publish
         self.lost_events = 0
-        self.people_today = 0
-        self._today = time.localtime().tm_yday
-        self.last_face: dict[str, Any] = {}
         self.stats = LoopStats()
         self.every_n = cfg.detect.every_n_frames
         self._since_detect = self.every_n
@@ -74,6 +76,13 @@ class Pipeline:
         self._end(self.tracker.update(frame, detections))
         if detections is not None:
             self._on_detections(frame)
+        self._count_lines(frame)
+        self.totals.tick()
+
+    def set_lines(self, lines: tuple[LineConfig, ...]) -> None:
+        """Counting lines, also on a reload (tracks carry on)."""
+        self.lines.configure(lines)
+        self.totals.set_lines(ln.name for ln in lines)
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""
@@ -81,51 +90,42 @@ class Pipeline:
         for t in tracks:
             changed = t.detection is not None and self._classify(frame, t)
             if t.confirmed:
-                ev = self.events.seen(t, frame, changed)
+                ev = self.events.seen(t, frame, self.classifier.result(t.id), changed)
                 if ev is not None:
                     self.publish(ev)
-        self.events.forget_missing({t.id for t in tracks})
+        live = {t.id for t in tracks}
+        self.events.forget_missing(live)
+        self.classifier.forget_missing(live)
+        self.lines.forget_missing(live)
 
     def _classify(self, frame: Frame, track: Track) -> bool:
-        """A chip only from a face that is large enough and wholly in view: a face entering
-        is cut off at first, and its chip's replicated border misleads the age model."""
-        det = track.detection
-        assert det is not None
-        x, y, w, h = det.box
-        fh, fw = frame.image.shape[:2]
-        if (self.classifier is None or min(w, h) < self.cfg.classify.min_face_px
-                or x < 0 or y < 0 or x + w > fw or y + h > fh):
+        assert track.detection is not None
+        ms = self.classifier.offer(frame.image, track.id, track.detection)
+        if ms is None:
             return False
-        votes = self.events.face(track).votes
-        if votes.done:
-            return False
-        q = face_quality(frame.image, det)
-        if not votes.wants(q):
-            return False
-        t0 = time.perf_counter()
-        p_male, ages = self.classifier.predict(frame.image, det)
-        self.stats.classify((time.perf_counter() - t0) * 1e3)
-        votes.add(q, p_male, ages)
+        self.stats.classify(ms)
         return True
+
+    def _count_lines(self, frame: Frame) -> None:
+        h, w = frame.image.shape[:2]
+        for c in self.lines.update(self.tracker.tracks, frame.index, w, h,
+                                   self.events.announced):
+            self.publish(self.events.crossed(c.track, frame, self.classifier.result(c.track.id),
+                                             c.line, c.direction.value))
 
     def _end(self, tracks: list[Track]) -> None:
         for t in tracks:
-            for ev in self.events.ended(t):
+            crossings = [(c.line, c.direction.value) for c in self.lines.ended(t)]
+            for ev in self.events.ended(t, self.classifier.result(t.id), crossings):
                 self.publish(ev)
+            self.classifier.forget(t.id)
 
     def publish(self, event: dict[str, Any]) -> None:
         """A spool that cannot take the event (disk full, card failing) must not stop the
         camera: count what is lost, say so now and then, carry on."""
-        if event["type"] == "new":
-            today = time.localtime().tm_yday
-            if today != self._today:
-                self._today, self.people_today = today, 0
-            self.people_today += 1
-        if event["type"] != "end" and event["gender"] is not None:
-            self.last_face = {"gender": event["gender"], "age": event["age"],
-                              "age_bucket": event["age_bucket"]}
         try:
             self._publish(event)
+            self.totals.record(event)
         except (OSError, sqlite3.Error, ValueError) as e:
             self.lost_events += 1
             if self.lost_events in (1, 10) or self.lost_events % 1000 == 0:
@@ -183,8 +183,14 @@ class Agent:
         cleanup.callback(self.spool.close)
         self.publisher = Publisher(cfg.mqtt, topic_base(cfg), self.spool)
         cleanup.callback(lambda: self.publisher.stop())
-        self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()))
+        self.totals = DailyTotals(self.spool, self._publish_counts)
+        self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()), self.totals)
+        self.totals.publish()
+        self.publisher.set_discovery_lines([ln.name for ln in cfg.count.lines])
         self.memory = MemoryGuard(cfg.memory)
+
+    def _publish_counts(self, payload: str) -> None:
+        self.publisher.publish_counts(payload)
 
     def publish(self, event: dict[str, Any]) -> None:
         seq = self.publisher.publish_event(event)
@@ -232,18 +238,23 @@ class Agent:
                 source = _open_source(new.source, self.source.next_index)
                 undo.callback(source.close)
             if new_pipe:
-                pipe = Pipeline(new, self.publish, str(self.spool.new_run()))
+                pipe = Pipeline(new, self.publish, str(self.spool.new_run()), self.totals)
             if new_publisher:
                 self._replace_publisher(new)
             undo.pop_all()
         if new_source or new_pipe:
             self.pipe.finish()  # a new camera or new models: tracks cannot carry over
         if new_pipe:
-            for name in ("stats", "people_today", "last_face", "lost_events", "_today"):
+            for name in ("stats", "lost_events"):
                 setattr(pipe, name, getattr(self.pipe, name))
         if new_source:
             self.source.close()
         self.source, self.pipe, self.cfg = source, pipe, new
+        if "count.lines" in changed:
+            pipe.set_lines(new.count.lines)
+        if new_publisher or "count.lines" in changed:
+            self.totals.publish()
+            self.publisher.set_discovery_lines([ln.name for ln in new.count.lines])
         self.memory.configure(new.memory)
         service.update_logging(new.log_level, {"DEVICE": new.device_id, "CAMERA": new.camera})
         return sorted(changed)
@@ -266,11 +277,11 @@ class Agent:
 # end), publisher reconnected; keys outside RELOADABLE (spool.*) wait for the next start.
 LIVE_KEYS = frozenset({"log_level", "memory.ceiling_mb", "memory.soft_fraction",
                        "memory.check_interval_s", "detect.every_n_frames",
-                       "mqtt.state_interval_s", "mqtt.drain_timeout_s"})
+                       "mqtt.state_interval_s", "mqtt.drain_timeout_s", "count.lines"})
 PIPELINE_KEYS = frozenset({"device_id", "camera", "threads", "detect", "track", "classify",
                            "models"})
 PUBLISHER_KEYS = frozenset({"device_id", "mqtt"})
-RELOADABLE = PIPELINE_KEYS | PUBLISHER_KEYS | {"source", "memory", "log_level"}
+RELOADABLE = PIPELINE_KEYS | PUBLISHER_KEYS | {"source", "memory", "log_level", "count"}
 
 
 def _changed_keys(old: Config, new: Config) -> set[str]:
@@ -351,10 +362,10 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "memory": memory.level.value,
         "memory_sheds": memory.sheds,
         "tracks": sum(t.confirmed for t in pipe.tracker.tracks),  # faces in view
-        "people_today": pipe.people_today,
-        "last_gender": pipe.last_face.get("gender"),
-        "last_age": pipe.last_face.get("age"),
-        "last_age_bucket": pipe.last_face.get("age_bucket"),
+        "people_today": pipe.totals.people,
+        "last_gender": pipe.totals.last_face.get("gender"),
+        "last_age": pipe.totals.last_face.get("age"),
+        "last_age_bucket": pipe.totals.last_face.get("age_bucket"),
         "source": source.state,
         "source_reconnects": source.reconnects,
         "source_error": source.last_error,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from dataclasses import dataclass
 
 import cv2
@@ -16,6 +17,7 @@ AGE_FILE = "cydral_age_v1.onnx"
 
 _BUCKET_EDGES = (13, 18, 25, 35, 45, 55, 65)
 _BUCKETS = ("0-12", "13-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+AGE_BUCKETS = _BUCKETS
 
 # dlib's 5-point template, eye centres on the unit square (image-left eye first), padding 0.2.
 _TEMPLATE_EYES = np.array([(0.2273, 0.2214), (0.7528, 0.2212)])
@@ -111,23 +113,31 @@ def face_quality(image: np.ndarray, det: Detection) -> float:
 
 
 class FaceClassifier:
-    """Cydral gender v1 (32 px chip) and age v1 (64 px chip), each chip warped from the frame."""
+    """Cydral gender v1 (32 px chip) and age v1 (64 px chip), each chip warped from the frame.
 
-    def __init__(self, gender_model: str, age_model: str) -> None:
+    With `flip_age` the age model also sees the mirrored chip and the two softmaxes are
+    averaged (one more ~3 ms pass per chip; on 400 stills MAE 6.97 -> 6.77, no gain on gender).
+    """
+
+    def __init__(self, gender_model: str, age_model: str, flip_age: bool = True) -> None:
         self._gender = cv2.dnn.readNet(gender_model)
         self._age = cv2.dnn.readNet(age_model)
         self._chips = {n: np.empty((n, n, 3), np.uint8) for n in (32, 64)}
+        self.flip_age = flip_age
 
-    def _run(self, net: cv2.dnn.Net, image: np.ndarray, eyes: np.ndarray, size: int) -> np.ndarray:
+    def _run(self, net: cv2.dnn.Net, image: np.ndarray, eyes: np.ndarray, size: int,
+             flip: bool = False) -> np.ndarray:
         chip = align_chip(image, eyes, size, out=self._chips[size])
-        net.setInput(cv2.dnn.blobFromImage(chip, 1 / 256, (size, size), _MEAN_RGB, swapRB=True))
-        return np.array(net.forward(), np.float32).reshape(-1)
+        chips = [chip, cv2.flip(chip, 1)] if flip else [chip]
+        blob = cv2.dnn.blobFromImages(chips, 1 / 256, (size, size), _MEAN_RGB, swapRB=True)
+        net.setInput(blob)
+        return np.array(net.forward(), np.float32).reshape(len(blob), -1).mean(0)
 
     def predict(self, image: np.ndarray, det: Detection) -> tuple[float, np.ndarray]:
         """(P(male), softmax over ages 0..80) for one detected face."""
         eyes = _eyes(det)
         p_male = float(self._run(self._gender, image, eyes, 32)[1])
-        return p_male, self._run(self._age, image, eyes, 64)
+        return p_male, self._run(self._age, image, eyes, 64, self.flip_age)
 
 
 def _expected_age(age_probs: np.ndarray) -> float:
@@ -199,3 +209,55 @@ class TrackAttributes:
         male = p >= 0.5
         return Attributes("male" if male else "female", p if male else 1 - p, age,
                           age_bucket(age), len(self._kept))
+
+
+class TrackClassifier:
+    """The one owner of per-track classification: which chips are worth a forward pass
+    (gates), each track's vote, and its combined answer."""
+
+    def __init__(self, classifier: FaceClassifier | None, samples: int, window: int,
+                 min_face_px: int) -> None:
+        self.classifier = classifier
+        self.samples = samples
+        self.window = window
+        self.min_face_px = min_face_px
+        self._votes: dict[int, TrackAttributes] = {}
+
+    def _vote(self, track_id: int) -> TrackAttributes:
+        v = self._votes.get(track_id)
+        if v is None:
+            v = self._votes[track_id] = TrackAttributes(self.samples, self.window)
+        return v
+
+    def offer(self, image: np.ndarray, track_id: int, det: Detection) -> float | None:
+        """Classify the face `det` of a track if it is worth it; returns the milliseconds spent
+        (the answer may have changed), or None when the chip was not used.
+
+        Only a face that is large enough and wholly in view: a face entering is cut off at
+        first, and its chip's replicated border misleads the age model."""
+        x, y, w, h = det.box
+        fh, fw = image.shape[:2]
+        if (self.classifier is None or min(w, h) < self.min_face_px
+                or x < 0 or y < 0 or x + w > fw or y + h > fh):
+            return None
+        votes = self._vote(track_id)
+        if votes.done:
+            return None
+        q = face_quality(image, det)
+        if not votes.wants(q):
+            return None
+        t0 = time.perf_counter()
+        p_male, ages = self.classifier.predict(image, det)
+        votes.add(q, p_male, ages)
+        return (time.perf_counter() - t0) * 1e3
+
+    def result(self, track_id: int) -> Attributes | None:
+        v = self._votes.get(track_id)
+        return v.result() if v is not None else None
+
+    def forget(self, track_id: int) -> None:
+        self._votes.pop(track_id, None)
+
+    def forget_missing(self, live: set[int]) -> None:
+        for tid in [t for t in self._votes if t not in live]:
+            del self._votes[tid]

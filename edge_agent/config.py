@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import socket
 import types
 import typing
@@ -115,6 +116,22 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class LineConfig:
+    """A counting line; `a` and `b` are fractions of the frame's width and height (0..1)."""
+
+    name: str = _opt("", pattern=r"[a-z0-9_-]+")
+    a: tuple[float, float] = _opt((0.0, 0.0), min=0.0, max=1.0)
+    b: tuple[float, float] = _opt((0.0, 0.0), min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class CountConfig:
+    """Counting lines (reloaded live: counting carries on with the new lines)."""
+
+    lines: tuple[LineConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str = ""
     camera: str = "default"
@@ -128,6 +145,7 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    count: CountConfig = field(default_factory=CountConfig)
 
 
 _TOPIC_LEVEL_FORBIDDEN = set("#+/\0")
@@ -176,9 +194,30 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: expected a mapping, got {_show(raw)}")
             values[name] = _build(hint, raw, path + ".")
+        elif typing.get_origin(hint) is tuple:
+            values[name] = _build_tuple(hint, raw, path, f.metadata)
         else:
             values[name] = _convert(hint, raw, path, f.metadata)
     return cls(**values)
+
+
+def _build_tuple(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
+    """A list of mappings (`tuple[Dataclass, ...]`) or a fixed-length point (`tuple[float,
+    float]`); items are named `path[i]`."""
+    args = typing.get_args(hint)
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: expected a list, got {_show(raw)}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{path}[{i}]: expected a mapping, got {_show(item)}")
+            out.append(_build(args[0], item, f"{path}[{i}]."))
+        return tuple(out)
+    if len(raw) != len(args):
+        raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {raw!r}")
+    return tuple(_convert(a, v, f"{path}[{i}]", meta)
+                 for i, (a, v) in enumerate(zip(args, raw, strict=True)))
 
 
 def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
@@ -206,6 +245,8 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         ok = False
     if ok and "length" in meta and len(cast(Sized, value)) != meta["length"]:
         ok = False
+    if ok and "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
+        ok = False
     if not ok:
         raise ConfigError(f"{path}: expected {_describe(base, meta)}, got {_show(raw)}")
     return value
@@ -217,6 +258,8 @@ def _describe(base: Any, meta: typing.Mapping[str, Any]) -> str:
     word = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[base]
     if "length" in meta:
         word += f" of {meta['length']} characters"
+    if "pattern" in meta:
+        word += f" matching {meta['pattern']}"
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and hi is not None:
         word += f" from {lo} to {hi}"
@@ -276,11 +319,26 @@ def _check_semantics(cfg: Config) -> None:
         if hi < lo:
             raise ConfigError(f"{section}.reconnect_max_s: expected a number >= "
                               f"{section}.reconnect_min_s ({lo}), got {hi}")
+    _check_lines(cfg.count)
     if cfg.classify.window < cfg.classify.samples:
         raise ConfigError(
             f"classify.window: expected an integer >= classify.samples ({cfg.classify.samples}), "
             f"got {cfg.classify.window}"
         )
+
+
+def _check_lines(c: CountConfig) -> None:
+    seen: set[str] = set()
+    for i, line in enumerate(c.lines):
+        key = f"count.lines[{i}]"
+        if not line.name:
+            raise ConfigError(f"{key}.name: expected a name matching [a-z0-9_-]+, got nothing")
+        if line.name in seen:
+            raise ConfigError(f"{key}.name: expected a unique name, got {line.name!r} again")
+        seen.add(line.name)
+        if line.a == line.b:
+            raise ConfigError(f"{key}.b: expected a point other than a (a zero-length line), "
+                              f"got {list(line.b)}")
 
 
 def _check_mqtt(m: MqttConfig) -> None:

@@ -1,13 +1,15 @@
 """Face events (docs/contract.md): `new` once per confirmed and classified track, `update` when its
-gender or age bucket changes, `end` once when it is lost or the stream ends."""
+gender or age bucket changes, `cross` when it crosses a counting line, `end` once (with the
+dwell time) when it is lost or the stream ends."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from edge_agent.capture import Frame
-from edge_agent.classify import Attributes, TrackAttributes
+from edge_agent.classify import Attributes
 from edge_agent.track import Track
 
 
@@ -23,7 +25,6 @@ class Sighting(NamedTuple):
 class Face:
     """What the event stream remembers of one track."""
 
-    votes: TrackAttributes
     announced: bool = False
     published: tuple[str | None, str | None] = (None, None)  # gender, age bucket last sent
     since_confirm: int = 0  # detector matches after confirmation, to bound the wait for chips
@@ -34,13 +35,11 @@ class EventBuilder:
     """Decides when a track deserves an event and builds its payload (without `seq`, which the
     spool assigns)."""
 
-    def __init__(self, device: str, camera: str, run_id: str, samples: int, window: int,
-                 classify: bool, max_wait: int = 2) -> None:
+    def __init__(self, device: str, camera: str, run_id: str, classify: bool,
+                 max_wait: int = 2) -> None:
         self.device = device
         self.camera = camera
         self.run_id = run_id
-        self.samples = samples
-        self.window = window
         self.classify = classify
         self.max_wait = max_wait
         self.faces: dict[int, Face] = {}
@@ -49,11 +48,17 @@ class EventBuilder:
     def face(self, track: Track) -> Face:
         f = self.faces.get(track.id)
         if f is None:
-            f = self.faces[track.id] = Face(TrackAttributes(self.samples, self.window))
+            f = self.faces[track.id] = Face()
         return f
 
-    def seen(self, track: Track, frame: Frame, changed: bool) -> dict[str, Any] | None:
-        """Call once per frame for each confirmed track; `changed` says a chip was added."""
+    def announced(self, track: Track) -> bool:
+        f = self.faces.get(track.id)
+        return f is not None and f.announced
+
+    def seen(self, track: Track, frame: Frame, attrs: Attributes | None,
+             changed: bool) -> dict[str, Any] | None:
+        """Call once per detector run for each confirmed track with its answer so far;
+        `changed` says a chip was added."""
         face = self.face(track)
         if track.detection is not None:
             face.last = Sighting(frame.ts, frame.index, track.detection.box)
@@ -61,25 +66,38 @@ class EventBuilder:
         if not face.announced:
             if track.detection is not None:
                 face.since_confirm += 1
-            attrs = face.votes.result()
             ready = not self.classify or attrs is not None or face.since_confirm > self.max_wait
             return self._emit("new", track, face, attrs) if ready else None
-        if changed:
-            attrs = face.votes.result()
-            if attrs is not None and (attrs.gender, attrs.age_bucket) != face.published:
-                return self._emit("update", track, face, attrs)
+        if changed and attrs is not None and (attrs.gender, attrs.age_bucket) != face.published:
+            return self._emit("update", track, face, attrs)
         return None
 
-    def ended(self, track: Track) -> list[dict[str, Any]]:
-        """`end` for a confirmed track, preceded by its `new` if it never got one."""
+    def ended(self, track: Track, attrs: Attributes | None,
+              crossings: Sequence[tuple[str, str]] = ()) -> list[dict[str, Any]]:
+        """`end` for a confirmed track, preceded by its `new` if it never got one and by the
+        (line, direction) crossings that waited for that `new`."""
         face = self.face(track)
         del self.faces[track.id]
         out = []
-        attrs = face.votes.result()
         if not face.announced:
             out.append(self._emit("new", track, face, attrs))
-        out.append(self._emit("end", track, face, attrs))
+        out += [self.crossed(track, None, attrs, line, d) for line, d in crossings]
+        end = self._emit("end", track, face, attrs)
+        last_ts = face.last.ts if face.last else track.last_seen_ts
+        end["dwell_s"] = round(max(last_ts - track.first_seen_ts, 0.0), 3)
+        out.append(end)
         return out
+
+    def crossed(self, track: Track, frame: Frame | None, attrs: Attributes | None, line: str,
+                direction: str) -> dict[str, Any]:
+        """`cross`: the track's face (in `frame`, else at its last sighting) crossed `line`."""
+        face = self.face(track)
+        if frame is not None:
+            self.frame_size = frame.image.shape[1::-1]
+        at = None if frame is None else Sighting(frame.ts, frame.index, track.box)
+        ev = self._emit("cross", track, face, attrs, at)
+        ev["line"], ev["direction"] = line, direction
+        return ev
 
     def forget_missing(self, live: set[int]) -> None:
         """Drop state of tracks that died tentative, so nothing accumulates."""
@@ -89,12 +107,13 @@ class EventBuilder:
     def track_id(self, track: Track) -> str:
         return f"{self.run_id}-{track.id}"
 
-    def _emit(self, kind: str, track: Track, face: Face, attrs: Attributes | None
-              ) -> dict[str, Any]:
-        face.announced = True
-        if attrs is not None:
-            face.published = (attrs.gender, attrs.age_bucket)
-        last = face.last or Sighting(track.last_seen_ts, track.last_frame, track.box)
+    def _emit(self, kind: str, track: Track, face: Face, attrs: Attributes | None,
+              at: Sighting | None = None) -> dict[str, Any]:
+        if kind != "cross":
+            face.announced = True
+            if attrs is not None:
+                face.published = (attrs.gender, attrs.age_bucket)
+        last = at or face.last or Sighting(track.last_seen_ts, track.last_frame, track.box)
         return {
             "type": kind,
             "track_id": self.track_id(track),

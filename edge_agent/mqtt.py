@@ -119,8 +119,11 @@ class Publisher:
         self._t_events = f"{base_topic}/events"
         self._t_status = f"{base_topic}/status"
         self._t_state = f"{base_topic}/state"
+        self._t_counts = f"{base_topic}/counts"
+        self._counts: str | None = None  # the latest T/counts, sent again on every connect
         self._t_ha_status = f"{cfg.discovery_prefix}/status"
         device_id = device_id or base_topic.rsplit("/", 1)[-1]
+        self._t_base, self._device_id = base_topic, device_id
         self._discovery = (discovery.messages(cfg.discovery_prefix, base_topic, device_id)
                            if cfg.discovery else [])
         self._discovery_asked = 0  # bumped by callbacks
@@ -196,6 +199,21 @@ class Publisher:
         """Retained snapshot; dropped while offline since a newer one will follow."""
         if self._connected and self._outstanding < self._queue_max - _RESERVE // 2:
             self._send(self._t_state, _compact(state), retain=True)
+
+    def set_discovery_lines(self, lines: list[str]) -> None:
+        """Announce sensors for these counting lines too (sent again now)."""
+        msgs = discovery.messages(self._cfg.discovery_prefix, self._t_base, self._device_id,
+                                  lines)
+        if self._cfg.discovery and msgs != self._discovery:
+            self._discovery = msgs
+            self._discovery_asked += 1
+            self._wake.set()
+
+    def publish_counts(self, payload: str) -> None:
+        """Retained ``T/counts``; the latest is also sent at every (re)connect."""
+        self._counts = payload
+        if self._connected:
+            self._send(self._t_counts, payload, retain=True)
 
     def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` s until the broker has acknowledged every spooled event."""
@@ -314,6 +332,8 @@ class Publisher:
             self._reconnects += 1
         self._session += 1
         self._connected = True
+        if self._counts is not None:
+            self._send(self._t_counts, self._counts, retain=True)
         self._warned_rejects = False
         log.info("mqtt connected to %s:%d%s", self._cfg.host, self._cfg.port,
                  " (TLS)" if self._cfg.tls else "")

@@ -33,6 +33,7 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +82,7 @@ class Spool:
             self._db.executescript(_SCHEMA)
             self._depth: int = self._db.execute("SELECT count(*) FROM events").fetchone()[0]
             self._start_clock()
+            self.spool_id = self._init_values()
         except sqlite3.Error as e:
             self._db.close()
             raise SpoolError(f"spool.path: cannot use {path}: {e}") from None
@@ -128,7 +130,8 @@ class Spool:
         """
         with self._tx() as db:
             seq = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()[0] + 1
-            payload = json.dumps({**event, "seq": seq}, separators=(",", ":"), allow_nan=False)
+            payload = json.dumps({**event, "spool_id": self.spool_id, "seq": seq},
+                                 separators=(",", ":"), allow_nan=False)
             now = self.clock()
             db.execute("INSERT INTO events VALUES (?, ?, ?)", (seq, now, payload))
             db.execute("UPDATE meta SET value=? WHERE key='last_seq'", (seq,))
@@ -202,3 +205,23 @@ class Spool:
             self._save_clock(db, self.clock(), self._wall())
         with self._lock:
             self._db.close()
+
+    def _init_values(self) -> str:
+        """The key-value table, and this spool's random id (created with the spool: ``seq``
+        restarts only with a new spool, so consumers drop repeats by (device, spool_id, seq))."""
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+                       " WITHOUT ROWID")
+            db.execute("INSERT OR IGNORE INTO kv VALUES ('spool_id', ?)", (uuid.uuid4().hex,))
+            return str(db.execute("SELECT value FROM kv WHERE key='spool_id'").fetchone()[0])
+
+    def get_value(self, key: str) -> str | None:
+        """A small value kept with the spool (e.g. the day's counts), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_value(self, key: str, value: str) -> None:
+        """Lost on a power cut at worst by the last change (no sync), never corrupted."""
+        with self._tx("NORMAL") as db:
+            db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, value))

@@ -16,6 +16,7 @@ from edge_agent.classify import (
     Attributes,
     FaceClassifier,
     TrackAttributes,
+    TrackClassifier,
     _expected_age,
     age_bucket,
     align_chip,
@@ -233,3 +234,27 @@ def test_face_quality_ranks_size_sharpness_and_pose(dev_face) -> None:
     turned[2] = turned[1]  # nose tip over the left eye: a profile
     assert face_quality(img, Detection(det.box, det.score, turned)) < 0.1 * q
     assert face_quality(img, Detection(det.box, det.score, None)) > 0.0
+
+
+def test_track_classifier_gates_chips_and_owns_each_tracks_vote(
+        faces_dir: Path, models_dir: Path, classifier: FaceClassifier,
+        labels: list[dict[str, str]]) -> None:
+    row = labels[0]
+    img = cv2.imread(str(faces_dir / row["file"]))
+    img = cv2.copyMakeBorder(img, 60, 60, 60, 60, cv2.BORDER_REPLICATE)
+    [det] = make_detector(DetectConfig(width=400), str(models_dir)).detect(img)[:1]
+    tc = TrackClassifier(classifier, samples=2, window=3, min_face_px=40)
+    x, y, w, h = det.box
+    cut = Detection((-5.0, y, w, h), det.score, det.landmarks)  # reaches past the border
+    small = Detection((x, y, 30.0, 30.0), det.score, det.landmarks)
+    assert tc.offer(img, 1, cut) is None and tc.offer(img, 1, small) is None
+    assert tc.result(1) is None
+    assert tc.offer(img, 1, det) is not None
+    first = tc.result(1)
+    assert first is not None and first.samples == 1
+    assert tc.offer(img, 2, det) is not None  # another track: its own vote
+    assert tc.result(2) == first
+    tc.forget(1)
+    tc.forget_missing({2})
+    assert tc.result(1) is None and tc.result(2) is not None
+    assert TrackClassifier(None, 2, 3, 40).offer(img, 1, det) is None

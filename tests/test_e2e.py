@@ -3,6 +3,7 @@ real mosquitto; a subscriber checks what dashboards would see."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -238,3 +239,33 @@ def test_memory_pressure_sheds_work_and_reports_it(tmp_path: Path, broker: Broke
     state = json.loads(rec.retained["state"])
     assert state["memory"] == "shed" and state["memory_sheds"] == 1
     assert state["every_n"] == 3 * 5
+
+
+def test_counts_lines_and_keeps_the_days_totals_across_a_restart(
+        tmp_path: Path, scene: tuple[Path, scenario.Scenario], broker: Broker,
+        models_dir: Path) -> None:
+    clip, scn = scene
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(clip), realtime=False)
+    raw = yaml.safe_load(cfg.read_text())
+    lines = [{"name": "middle", "a": [0.5, 1.0], "b": [0.5, 0.0]}]
+    raw["count"] = {"lines": lines}
+    cfg.write_text(yaml.safe_dump(raw))
+    truth = scenario.line_truth(dataclasses.replace(scn, lines=lines))["middle"]
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    try:
+        assert run_agent(cfg).returncode == 0
+        assert rec.wait_for(lambda: "counts" in rec.retained, 5)
+        first = json.loads(rec.retained["counts"])
+        assert run_agent(cfg).returncode == 0
+        assert rec.wait_for(lambda: json.loads(rec.retained["counts"])["people"]
+                            == 2 * first["people"], 5), rec.retained["counts"]
+    finally:
+        rec.close()
+    crosses = [e for e in rec.events if e["type"] == "cross"]
+    assert first["people"] == len(scn.people)
+    assert sum(first["gender"].values()) == sum(first["age_bucket"].values()) == len(scn.people)
+    assert first["lines"] == {"middle": truth}, first
+    assert len(crosses) == 2 * sum(truth.values())
+    ends = [e for e in rec.events if e["type"] == "end"]
+    assert all(0 < e["dwell_s"] <= scn.frames / scn.fps for e in ends)
+    assert len({e["spool_id"] for e in rec.events}) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_agent.capture import Frame
+from edge_agent.classify import Attributes, TrackAttributes
 from edge_agent.detect import Detection
 from edge_agent.events import EventBuilder
 from edge_agent.track import Track
@@ -32,14 +33,23 @@ def frame(i: int) -> Frame:
 
 
 def builder(classify: bool = True) -> EventBuilder:
-    return EventBuilder("pi-1", "door", "run1", samples=3, window=8, classify=classify)
+    return EventBuilder("pi-1", "door", "run1", classify=classify)
+
+
+def votes() -> TrackAttributes:
+    return TrackAttributes(samples=3, window=8)
+
+
+def none() -> Attributes | None:
+    return None
 
 
 def test_new_waits_for_a_chip_then_carries_every_contract_field() -> None:
     b, t = builder(), track()
-    assert b.seen(t, frame(10), changed=False) is None  # confirmed, not yet classified
-    b.face(t).votes.add(0.9, 0.95, ages_at(30))
-    ev = b.seen(t, frame(10), changed=True)
+    assert b.seen(t, frame(10), none(), changed=False) is None  # confirmed, not classified
+    v = votes()
+    v.add(0.9, 0.95, ages_at(30))
+    ev = b.seen(t, frame(10), v.result(), changed=True)
     assert ev is not None and set(ev) == FIELDS
     assert ev["type"] == "new" and ev["track_id"] == "run1-7"
     assert (ev["device"], ev["camera"]) == ("pi-1", "door")
@@ -55,47 +65,74 @@ def test_box_is_clipped_to_the_frame() -> None:
     b, t = builder(classify=False), track()
     assert t.detection is not None
     t.detection.box = (-6.0, 430.0, 80.0, 96.0)
-    ev = b.seen(t, frame(10), changed=False)
+    ev = b.seen(t, frame(10), none(), changed=False)
     assert ev is not None and ev["box"] == [0, 430, 74, 50]
 
 
 def test_update_only_when_gender_or_bucket_changes() -> None:
     b, t = builder(), track()
-    votes = b.face(t).votes
-    votes.add(0.9, 0.9, ages_at(30))
-    assert b.seen(t, frame(10), changed=True)["type"] == "new"
-    votes.add(0.8, 0.9, ages_at(31))
-    assert b.seen(t, frame(15), changed=True) is None  # same gender, same bucket
-    assert b.seen(t, frame(16), changed=False) is None
-    votes.add(1.0, 0.9, ages_at(60))
-    votes.add(1.0, 0.9, ages_at(60))
-    ev = b.seen(t, frame(20), changed=True)
+    v = votes()
+    v.add(0.9, 0.9, ages_at(30))
+    assert b.seen(t, frame(10), v.result(), changed=True)["type"] == "new"
+    v.add(0.8, 0.9, ages_at(31))
+    assert b.seen(t, frame(15), v.result(), changed=True) is None  # same gender and bucket
+    assert b.seen(t, frame(16), v.result(), changed=False) is None
+    v.add(1.0, 0.9, ages_at(60))
+    v.add(1.0, 0.9, ages_at(60))
+    ev = b.seen(t, frame(20), v.result(), changed=True)
     assert ev is not None and ev["type"] == "update" and ev["age_bucket"] != "25-34"
 
 
 def test_end_once_and_new_first_if_it_never_had_one() -> None:
     b, t = builder(), track()
-    assert b.seen(t, frame(10), changed=False) is None
-    evs = b.ended(t)
+    assert b.seen(t, frame(10), none(), changed=False) is None
+    evs = b.ended(t, None)
     assert [e["type"] for e in evs] == ["new", "end"]
     assert evs[0]["gender"] is None and evs[0]["age"] is None
     assert b.faces == {}
     b2, t2 = builder(), track()
-    b2.face(t2).votes.add(0.9, 0.1, ages_at(40))
-    assert b2.seen(t2, frame(10), changed=True)["type"] == "new"
-    [end] = b2.ended(t2)
+    v = votes()
+    v.add(0.9, 0.1, ages_at(40))
+    assert b2.seen(t2, frame(10), v.result(), changed=True)["type"] == "new"
+    [end] = b2.ended(t2, v.result())
     assert end["type"] == "end" and end["gender"] == "female" and end["age_bucket"] == "35-44"
+    assert set(end) == FIELDS | {"dwell_s"}
+
+
+def test_end_carries_the_dwell_time_from_first_to_last_sighting() -> None:
+    b, t = builder(classify=False), track()
+    t.first_seen_ts = frame(5).ts
+    b.seen(t, frame(10), none(), changed=False)
+    [end] = b.ended(t, None)
+    assert end["dwell_s"] == round(5 / 15, 3)
+
+
+def test_crossings_waiting_for_new_come_between_new_and_end() -> None:
+    b, t = builder(), track()
+    evs = b.ended(t, None, [("door", "in")])
+    assert [e["type"] for e in evs] == ["new", "cross", "end"]
+    cross = evs[1]
+    assert set(cross) == FIELDS | {"line", "direction"}
+    assert (cross["line"], cross["direction"]) == ("door", "in")
+
+
+def test_cross_describes_the_frame_it_happened_in() -> None:
+    b, t = builder(classify=False), track()
+    b.seen(t, frame(10), none(), changed=False)
+    ev = b.crossed(t, frame(12), None, "door", "out")
+    assert ev["type"] == "cross" and ev["frame"] == 12 and ev["box"] == [100, 50, 80, 96]
+    assert b.announced(t)
 
 
 def test_without_classification_new_comes_at_confirmation() -> None:
     b, t = builder(classify=False), track()
-    ev = b.seen(t, frame(10), changed=False)
+    ev = b.seen(t, frame(10), none(), changed=False)
     assert ev is not None and ev["type"] == "new" and ev["gender"] is None
 
 
 def test_a_face_that_cannot_be_classified_is_announced_after_a_bounded_wait() -> None:
     b, t = builder(), track()
-    out = [b.seen(t, frame(10 + 5 * k), changed=False) for k in range(3)]
+    out = [b.seen(t, frame(10 + 5 * k), none(), changed=False) for k in range(3)]
     assert out[:2] == [None, None]
     assert out[2] is not None and out[2]["type"] == "new" and out[2]["age"] is None
 

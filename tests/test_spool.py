@@ -21,7 +21,7 @@ def test_seq_starts_at_1_without_gaps_and_is_stored_compact(tmp_path: Path) -> N
     assert [s.append({"type": "new", "n": i}) for i in range(5)] == [1, 2, 3, 4, 5]
     rows = s.pending(0, 10)
     assert [seq for seq, _ in rows] == [1, 2, 3, 4, 5]
-    assert rows[0][1] == '{"type":"new","n":0,"seq":1}'
+    assert rows[0][1] == f'{{"type":"new","n":0,"spool_id":"{s.spool_id}","seq":1}}'
     assert s.pending(3, 10) == rows[3:] and s.pending(0, 2) == rows[:2]
     assert s.depth() == 5 and s.dropped() == 0
     s.close()
@@ -223,3 +223,27 @@ def test_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
     with pytest.raises(ConfigError, match=r"^spool\.path: cannot use .*junk\.db"):
         Spool(SpoolConfig(path=str(tmp_path / "junk.db")))
+
+
+def test_spool_id_is_kept_with_the_spool_and_new_with_a_new_one(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    first = s.spool_id
+    assert len(first) == 32
+    s.close()
+    s = open_spool(tmp_path)
+    assert s.spool_id == first
+    s.close()
+    other = Spool(SpoolConfig(path=str(tmp_path / "other.db")))
+    assert other.spool_id != first
+    other.close()
+
+
+def test_values_survive_a_restart(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    assert s.get_value("counts") is None
+    s.put_value("counts", '{"people":1}')
+    s.put_value("counts", '{"people":2}')
+    s.close()
+    s = open_spool(tmp_path)
+    assert s.get_value("counts") == '{"people":2}'
+    s.close()

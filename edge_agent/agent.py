@@ -21,6 +21,7 @@ from edge_agent.config import Config, ConfigError, SourceConfig, topic_base
 from edge_agent.detect import make_detector
 from edge_agent.events import EventBuilder
 from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
+from edge_agent.motion import MotionGate
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
 from edge_agent.track import Track, Tracker
@@ -55,6 +56,7 @@ class Pipeline:
         self.every_n = cfg.detect.every_n_frames
         self._since_detect = self.every_n
         self._shape: tuple[int, ...] = ()
+        self.motion = MotionGate(cfg.detect.motion) if cfg.detect.motion.enabled else None
 
     def step(self, frame: Frame) -> None:
         self.stats.frame(time.monotonic())
@@ -67,7 +69,7 @@ class Pipeline:
             self._since_detect = self.every_n
         self._since_detect += 1
         detections = None
-        if self._since_detect >= self.every_n:
+        if self._since_detect >= self.every_n and self._worth_detecting(frame):
             self._since_detect = 0
             t0 = time.perf_counter()
             detections = self.detector.detect(frame.image)
@@ -75,6 +77,15 @@ class Pipeline:
         self._end(self.tracker.update(frame, detections))
         if detections is not None:
             self._on_detections(frame)
+
+    def _worth_detecting(self, frame: Frame) -> bool:
+        """With faces in view, always; otherwise only when something moves. The gate's
+        background learns on every due frame; a skipped run keeps the detector due."""
+        moving = self.motion is None or self.motion.moving(frame.image)
+        if moving or self.tracker.tracks:
+            return True
+        self.stats.skipped()
+        return False
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""
@@ -349,6 +360,7 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "fps": round(s.fps, 2),
         "frames": s.frames,
         "detect_ms": round(s.detect_ms, 2),
+        "detect_skipped": s.detect_skipped,
         "classify_ms": round(s.classify_ms, 2),
         "every_n": pipe.every_n,
         "rss_mb": round(memory.rss_mb, 1),

@@ -69,6 +69,7 @@ class LoopStats:
         self.started = time.monotonic()
         self.frames = 0
         self.detections = 0
+        self.detect_skipped = 0  # due detector runs the motion gate saved (nothing moved)
         self.classifications = 0
         self.frame_s = 0.0
         self.detect_ms = 0.0
@@ -89,6 +90,9 @@ class LoopStats:
     def detect(self, ms: float) -> None:
         self.detections += 1
         self.detect_ms += self.alpha * (ms - self.detect_ms) if self.detections > 1 else ms
+
+    def skipped(self) -> None:
+        self.detect_skipped += 1
 
     def classify(self, ms: float) -> None:
         self.classifications += 1

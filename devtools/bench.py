@@ -27,7 +27,7 @@ SCENES = ("busy", "quiet")
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
-         every_n: int | None, scene: str = "busy") -> int:
+         every_n: int | None, scene: str = "busy", size: str | None = None) -> int:
     base = scenario.shared_dir(shared)
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -38,6 +38,12 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
             scn = scenario.quiet_door(base / "data" / "faces", people=people, seed=seed)
             clip = str(scenario.render_camera(scn, base / "data" / "faces",
                                               Path(work) / "quiet.mp4"))
+        elif clip is None and size:
+            w, h = (int(v) for v in size.lower().split("x"))
+            scn = scenario.scaled(scenario.plan(base / "data" / "faces", people=people,
+                                                seed=seed), w, h)
+            clip = str(scenario.render_camera(scn, base / "data" / "faces",
+                                              Path(work) / f"scene{w}x{h}.mp4"))
         elif clip is None:
             scn = scenario.plan(base / "data" / "faces", people=people, seed=seed)
             clip = str(scenario.render(scn, base / "data" / "faces", Path(work) / "scene.mp4",
@@ -121,8 +127,16 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
         out["detector_runs"], out["detector_skipped"] = stats.detections, stats.detect_skipped
     truth = Path(clip + ".json")
     if step is not None and finish is not None and truth.exists():
-        out["score"] = scenario.evaluate(scenario.Scenario.load(truth), events).summary()
+        scn = scenario.Scenario.load(truth)
+        out["score"] = scenario.evaluate(scn, [_in_source_pixels(e, scn.width)
+                                               for e in events]).summary()
     return out
+
+
+def _in_source_pixels(event: dict[str, Any], width: int) -> dict[str, Any]:
+    """Boxes of frames scaled down at capture (source.max_width), in the clip's pixels."""
+    k = width / event["frame_size"][0]
+    return event if k == 1 else {**event, "box": [v * k for v in event["box"]]}
 
 
 if __name__ == "__main__":

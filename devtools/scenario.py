@@ -326,3 +326,14 @@ def render_camera(scn: Scenario, faces_dir: Path, out: Path, noise: float = 2.5,
         raise RuntimeError(f"ffmpeg could not write {out}")
     scn.save(out.with_suffix(out.suffix + ".json"))
     return out
+
+
+def scaled(scn: Scenario, width: int, height: int) -> Scenario:
+    """The same people on the same paths in a `width` x `height` picture (faces scale with the
+    height), to compare resolutions on one scene."""
+    fx, fy = width / scn.width, height / scn.height
+    people = [Person(p.file, p.gender, p.age, round(p.size * fy), p.start, p.frames,
+                     p.x0 * fx if p.x0 >= 0 else -round(p.size * fy) + 1.0, p.y0 * fy,
+                     p.x1 * fx if p.x1 >= 0 else -round(p.size * fy) + 1.0, p.y1 * fy)
+              for p in scn.people]
+    return Scenario(width, height, scn.fps, scn.frames, people)

@@ -20,7 +20,14 @@ from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, face_qual
 from edge_agent.config import Config, ConfigError, SourceConfig, topic_base
 from edge_agent.detect import make_detector
 from edge_agent.events import EventBuilder
-from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
+from edge_agent.health import (
+    EXIT_MEMORY_CEILING,
+    CeilingExits,
+    LoopStats,
+    Memory,
+    MemoryGuard,
+    adapt_to_exits,
+)
 from edge_agent.motion import MotionGate
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
@@ -160,8 +167,11 @@ def run(cfg: Config, stop: threading.Event | None = None,
     models.verify(cfg.models.dir, models.required_models(cfg.detect.backend,
                                                          cfg.classify.enabled))
     svc = service.Service()
+    exits = CeilingExits.beside(cfg.spool.path)
+    cfg = adapt_to_exits(cfg, exits)
     with contextlib.ExitStack() as cleanup:
         agent = Agent(cfg, cleanup)
+        agent.memory.exits = exits
         _await_source(agent.source, stop, cfg.source.open_timeout_s)
         svc.ready(agent.status())
         return _loop(agent, svc, stop, reload, config_path)
@@ -327,6 +337,8 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
                       agent.memory.rss_mb, agent.memory.ceiling_mb, EXIT_MEMORY_CEILING,
                       extra={"ERROR_KIND": "memory_ceiling"})
             code = EXIT_MEMORY_CEILING
+            if agent.memory.exits is not None:
+                agent.memory.exits.record(pipe.stats.uptime(), agent.memory.rss_mb)
             break
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
         if now >= next_state:
@@ -367,6 +379,7 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "peak_rss_mb": round(memory.peak_mb, 1),
         "memory": memory.level.value,
         "memory_sheds": memory.sheds,
+        "ceiling_exits": len(memory.exits.exits) if memory.exits else 0,  # in the last hour
         "tracks": sum(t.confirmed for t in pipe.tracker.tracks),  # faces in view
         "people_today": pipe.people_today,
         "last_gender": pipe.last_face.get("gender"),

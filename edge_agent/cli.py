@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--every-n", type=int, default=None)
     bench.add_argument("--scene", choices=("busy", "quiet"), default="busy",
                        help="generated scene: busy (30 people) or quiet door (mostly empty)")
+    bench.add_argument("--size", default=None,
+                       help="WxH: the busy scene scaled to this size, e.g. 1920x1080")
     bench.set_defaults(func=_bench)
     return p
 
@@ -154,4 +156,4 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     bench = _devtool("bench")
     return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
-                      args.every_n, args.scene)
+                      args.every_n, args.scene, args.size)

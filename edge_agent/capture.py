@@ -34,6 +34,7 @@ _MAX_SKIP_S = 2.0
 # (synchronisation) and holds a frame per thread; see docs/performance.md.
 DECODER_THREADS = 1
 _BIG_PIXELS = 1920 * 1080  # above this, full-size frames strain a 200 MB ceiling on a Pi
+_DECODER_BYTES_PER_PIXEL = 18  # H.264 at 4K, one thread: ~150 MB in the decoder (measured)
 
 
 @dataclass(slots=True)
@@ -446,7 +447,13 @@ def fit_width(image: np.ndarray, max_width: int | None) -> np.ndarray:
 
 
 def log_size(name: str, width: int, height: int, max_width: int | None) -> None:
-    """Say at start what size the source sends and what the agent does with it."""
+    """Say at start what size the source sends and what the agent does with it. The decoder's
+    own frames cannot be scaled: at 4K they alone take ~150 MB (docs/performance.md)."""
+    if width * height > _BIG_PIXELS:
+        log.warning("%s: source sends %dx%d; its decoder alone needs about %.0f MB here. If the "
+                    "memory ceiling is reached, use the camera's sub-stream (640-1280 px wide) "
+                    "or raise memory.ceiling_mb", name, width, height,
+                    width * height * _DECODER_BYTES_PER_PIXEL / 2**20)
     if max_width is not None and width > max_width:
         log.info("%s: source sends %dx%d; frames are scaled to %d px wide (source.max_width)",
                  name, width, height, max_width)

@@ -121,9 +121,9 @@ class FileSource:
         log.info(
             "%s: open (%.2f fps, realtime %s, loop %s)", path, self.fps, cfg.realtime, cfg.loop
         )
-        self._width = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH))
         self._buf: np.ndarray | None = None
-        log_size(path, self._width, int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cfg.max_width)
+        log_size(path, int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                 int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cfg.max_width)
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG,
@@ -173,13 +173,11 @@ class FileSource:
         self._grabbed = False
         # A frame that is scaled down at once is decoded into one reused buffer: at 4K that
         # saves a 25 MB allocation per frame and the old frame lingering beside the new one.
-        scaled = self._max_width is not None and self._width > self._max_width
-        ok, image = self._cap.retrieve(self._buf if scaled else None)
+        ok, image = self._cap.retrieve(self._buf)
         if not ok:
             return self._finish()
-        if scaled:
-            self._buf = image
-        image = fit_width(image, self._max_width)
+        small = fit_width(image, self._max_width)
+        self._buf, image = (image if small is not image else None), small
         offset = self._index / self.fps
         frame = Frame(image, self._index, self._start_wall + offset, self._start_mono + offset)
         self._index += 1

@@ -113,6 +113,7 @@ _EXITS_KEEP_S = 3600.0  # exits older than this are forgotten
 _EXITS_EARLY_S = 300.0  # an exit within this long of start counts towards a restart loop
 _EXITS_LOOP = 2  # this many early exits within _EXITS_KEEP_S: the agent is looping on exit 75
 _EXITS_MAX = 20
+_SAFE_WIDTH = 640  # frames this wide fit any ceiling the config allows with room to spare
 
 
 class CeilingExits:
@@ -168,5 +169,3 @@ def adapt_to_exits(cfg: Config, exits: CeilingExits) -> Config:
               extra={"ERROR_KIND": "memory_ceiling_loop"})
     return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, max_width=width))
 
-
-_SAFE_WIDTH = 640

@@ -347,7 +347,7 @@ class _LiveSource:
             started = time.monotonic()
             try:
                 ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S,
-                                       lambda b=buf: cap.read(b))
+                                       cap.read if buf is None else lambda b=buf: cap.read(b))
             except cv2.error as e:
                 return delivered, f"read failed: {e}"
             waited = time.monotonic() - started

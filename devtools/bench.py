@@ -23,7 +23,6 @@ from edge_agent import config
 from edge_agent.capture import open_source
 
 MODES = ("decode", "agent", "naive", "ungated")  # ungated: the agent without its motion gate
-SCENES = ("busy", "quiet")
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],

@@ -34,7 +34,6 @@ class MotionGate:
 
     def __init__(self, cfg: MotionConfig) -> None:
         self.cfg = cfg
-        self.skipped = 0  # detector runs the gate saved
         self._bg: np.ndarray | None = None
         self._small: np.ndarray | None = None
         self._grey: np.ndarray | None = None

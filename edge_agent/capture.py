@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
@@ -345,9 +346,9 @@ class _LiveSource:
         buf: np.ndarray | None = None
         while self._current(gen):
             started = time.monotonic()
+            read = cap.read if buf is None else functools.partial(cap.read, buf)
             try:
-                ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S,
-                                       cap.read if buf is None else lambda b=buf: cap.read(b))
+                ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S, read)
             except cv2.error as e:
                 return delivered, f"read failed: {e}"
             waited = time.monotonic() - started

@@ -86,11 +86,12 @@ class Pipeline:
             self._on_detections(frame)
 
     def _worth_detecting(self, frame: Frame) -> bool:
-        """With faces in view, always; otherwise only when something moves. The gate's
-        background learns on every due frame; a skipped run keeps the detector due."""
+        """With faces in view, always; otherwise only when something moves. The gate looks at
+        due frames only, so the detector still runs on the same frames as without it."""
         moving = self.motion is None or self.motion.moving(frame.image)
         if moving or self.tracker.tracks:
             return True
+        self._since_detect = 0
         self.stats.skipped()
         return False
 

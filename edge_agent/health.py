@@ -113,7 +113,7 @@ _EXITS_KEEP_S = 3600.0  # exits older than this are forgotten
 _EXITS_EARLY_S = 300.0  # an exit within this long of start counts towards a restart loop
 _EXITS_LOOP = 2  # this many early exits within _EXITS_KEEP_S: the agent is looping on exit 75
 _EXITS_MAX = 20
-_SAFE_WIDTH = 640  # frames this wide fit any ceiling the config allows with room to spare
+_SAFE_WIDTH = 640  # the agent peaks near 100 MB with frames this wide (docs/performance.md)
 
 
 class CeilingExits:
@@ -161,7 +161,7 @@ def adapt_to_exits(cfg: Config, exits: CeilingExits) -> Config:
         return cfg
     last = exits.exits[-1]
     width = min(cfg.source.max_width or _SAFE_WIDTH, _SAFE_WIDTH)
-    log.error("memory ceiling: %d exits in the last hour, each soon after start (last: rss "
+    log.error("memory ceiling: %d exits in the last hour, soon after start (last: rss "
               "%.0f MB >= memory.ceiling_mb %.0f): the source is too big for this ceiling. Use "
               "the camera's sub-stream, set source.max_width, or raise memory.ceiling_mb. "
               "Starting with frames scaled to %d px wide.", len(exits.exits),

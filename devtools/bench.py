@@ -24,11 +24,11 @@ from devtools import assets, scenario
 from edge_agent import config
 from edge_agent.capture import open_source
 
-MODES = ("decode", "agent", "naive")
+MODES = ("decode", "agent", "naive", "ungated")  # ungated: the agent without its motion gate
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
-         every_n: int | None) -> int:
+         every_n: int | None, scene: str = "busy", size: str | None = None) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
@@ -42,7 +42,14 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
             return 2
     models_dir = assets.models_dir()
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as work:
-        if faces is not None:
+        if faces is not None and scene == "quiet":
+            scn = scenario.quiet_door(faces, people=people, seed=seed)
+            clip = str(scenario.render_camera(scn, faces, Path(work) / "quiet.mp4"))
+        elif faces is not None and size:
+            w, h = (int(v) for v in size.lower().split("x"))
+            scn = scenario.scaled(scenario.plan(faces, people=people, seed=seed), w, h)
+            clip = str(scenario.render_camera(scn, faces, Path(work) / f"scene{w}x{h}.mp4"))
+        elif faces is not None:
             scn = scenario.plan(faces, people=people, seed=seed)
             clip = str(scenario.render(scn, faces, Path(work) / "scene.mp4",
                                        h264=shutil.which("ffmpeg") is not None))
@@ -58,11 +65,15 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
             r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "
                   f"{r['peak_rss_mb']:>12.1f}")
+            if "detector_runs" in r:
+                print(f"         detector runs {r['detector_runs']}, skipped (nothing moved) "
+                      f"{r['detector_skipped']}")
             if "score" in r:
                 print(f"         {r['score']}")
     cpu = {m: r["cpu_ms_per_frame"] for m, r in results.items()}
-    if "agent" in cpu and "decode" in cpu:
-        print(f"agent / decode CPU: {cpu['agent'] / cpu['decode']:.2f}x")
+    for m in ("agent", "ungated"):
+        if m in cpu and "decode" in cpu:
+            print(f"{m} / decode CPU: {cpu[m] / cpu['decode']:.2f}x")
     if "agent" in cpu and "naive" in cpu:
         print(f"naive / agent CPU: {cpu['naive'] / cpu['agent']:.2f}x")
     return 0
@@ -79,13 +90,17 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     if every_n:
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect,
                                                                   every_n_frames=every_n))
+    if mode == "ungated":
+        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(
+            cfg.detect, motion=dataclasses.replace(cfg.detect.motion, enabled=False)))
     cv2.setNumThreads(cfg.threads)
     events: list[dict[str, Any]] = []
     step: Any = None
     finish: Any = None
-    if mode == "agent":
+    stats: Any = None
+    if mode in ("agent", "ungated"):
         pipe = Pipeline(cfg, events.append, "bench")
-        step, finish = pipe.step, pipe.finish
+        step, finish, stats = pipe.step, pipe.finish, pipe.stats
     elif mode == "naive":
         detector = make_detector(dataclasses.replace(cfg.detect, width=1 << 16), models_dir)
         classifier = FaceClassifier(f"{models_dir}/{GENDER_FILE}", f"{models_dir}/{AGE_FILE}")
@@ -113,12 +128,32 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     out: dict[str, Any] = {
         "mode": mode, "frames": frames,
         "cpu_ms_per_frame": 1e3 * cpu / max(frames, 1), "fps": frames / wall if wall else 0.0,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
     }
+    if stats is not None:
+        out["detector_runs"], out["detector_skipped"] = stats.detections, stats.detect_skipped
     truth = Path(clip + ".json")
-    if mode == "agent" and truth.exists():
-        out["score"] = scenario.evaluate(scenario.Scenario.load(truth), events).summary()
+    if step is not None and finish is not None and truth.exists():
+        scn = scenario.Scenario.load(truth)
+        out["score"] = scenario.evaluate(scn, [_in_source_pixels(e, scn.width)
+                                               for e in events]).summary()
     return out
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM, this process's own peak: ru_maxrss would carry over the peak of the bench parent
+    that forked it (Linux keeps it across exec), which had just rendered the scene."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_source_pixels(event: dict[str, Any], width: int) -> dict[str, Any]:
+    """Boxes of frames scaled down at capture (source.max_width), in the clip's pixels."""
+    k = width / event["frame_size"][0]
+    return event if k == 1 else {**event, "box": [v * k for v in event["box"]]}
 
 
 if __name__ == "__main__":

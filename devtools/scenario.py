@@ -385,3 +385,86 @@ def evaluate(scn: Scenario, events: list[dict]) -> Score:
                       if p.fully_visible(f, scn.width, scn.height)), p.start)
         score.latencies.append(evs[0]["frame"] - entry)
     return score
+
+
+def quiet_door(faces_dir: Path, people: int = 20, minutes: float = 5.0, seed: int = 21,
+               width: int = 640, height: int = 480, fps: float = 15.0,
+               follow: float = 0.35) -> Scenario:
+    """A shop door: long empty stretches (about 80% of the frames at the defaults) and now and
+    then someone walking through the same spot, a `follow` share of them right behind another
+    person (0.7-1.5 s later, same lane)."""
+    rng = random.Random(seed)
+    rows = [r for r in csv.DictReader((faces_dir / "labels.csv").open())
+            if 18 <= int(r["age"]) <= 75]
+    rng.shuffle(rows)
+    total = int(minutes * 60 * fps)
+    groups: list[int] = []
+    left = people
+    while left:
+        n = 2 if left >= 2 and rng.random() < follow else 1
+        groups.append(n)
+        left -= n
+    slot = total // len(groups)
+    out: list[Person] = []
+    for g, n in enumerate(groups):
+        start = g * slot + rng.randint(int(fps), max(int(fps), slot - int(7 * fps)))
+        lane = rng.uniform(0.1, 0.35) * height
+        left_to_right = rng.random() < 0.5
+        frames = rng.randint(int(3.5 * fps), int(4.5 * fps))
+        for k in range(n):
+            r = rows[len(out) % len(rows)]
+            size = rng.randint(100, 150)
+            y0 = min(max(lane + rng.uniform(-0.1, 0.1) * size, 0.0), height - size)
+            xa, xb = -size + 1.0, width - 1.0
+            x0, x1 = (xa, xb) if left_to_right else (xb, xa)
+            s = start + (k * rng.randint(int(0.7 * fps), int(1.5 * fps)))
+            out.append(Person(r["file"], r["gender"], int(r["age"]), size, s, frames, x0, y0, x1,
+                              y0 + rng.uniform(-0.05, 0.05) * height))
+    total = max(total, max(p.start + p.frames for p in out) + int(fps))
+    return Scenario(width, height, fps, total, out)
+
+
+def render_camera(scn: Scenario, faces_dir: Path, out: Path, noise: float = 2.5,
+                  seed: int = 3) -> Path:
+    """Like `render` (H.264), with fresh sensor noise on every frame (`noise`: standard
+    deviation in grey levels), piped raw into ffmpeg so no intermediate codec smooths it away:
+    a flat synthetic picture would decode, and hide motion, unrealistically well."""
+    bg = background(scn.width, scn.height).astype(np.float32)
+    sprites = {}
+    for p in scn.people:
+        img = cv2.imread(str(faces_dir / p.file))
+        if img is None:
+            raise FileNotFoundError(faces_dir / p.file)
+        sprites[p.file, p.size] = cv2.resize(img, (p.size, p.size), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(seed)
+    enc = subprocess.Popen(
+        ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s",
+         f"{scn.width}x{scn.height}", "-r", str(scn.fps), "-i", "-", "-c:v", "libx264", "-preset",
+         "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-g", str(int(scn.fps * 2)), str(out)],
+        stdin=subprocess.PIPE)
+    assert enc.stdin is not None
+    masks: dict[int, np.ndarray] = {}
+    for f in range(scn.frames):
+        grain = rng.standard_normal((scn.height, scn.width, 1), dtype=np.float32) * noise
+        frame = np.clip(bg + grain, 0, 255).astype(np.uint8)
+        for p in scn.people:
+            o = p.origin(f)
+            if o is not None:
+                _paste(frame, sprites[p.file, p.size], _mask(masks, p.size), int(o[0]), int(o[1]))
+        enc.stdin.write(frame.tobytes())
+    enc.stdin.close()
+    if enc.wait():
+        raise RuntimeError(f"ffmpeg could not write {out}")
+    scn.save(out.with_suffix(out.suffix + ".json"))
+    return out
+
+
+def scaled(scn: Scenario, width: int, height: int) -> Scenario:
+    """The same people on the same paths in a `width` x `height` picture (faces scale with the
+    height), to compare resolutions on one scene."""
+    fx, fy = width / scn.width, height / scn.height
+    people = [Person(p.file, p.gender, p.age, round(p.size * fy), p.start, p.frames,
+                     p.x0 * fx if p.x0 >= 0 else -round(p.size * fy) + 1.0, p.y0 * fy,
+                     p.x1 * fx if p.x1 >= 0 else -round(p.size * fy) + 1.0, p.y1 * fy)
+              for p in scn.people]
+    return Scenario(width, height, scn.fps, scn.frames, people)

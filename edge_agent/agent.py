@@ -20,7 +20,15 @@ from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, top
 from edge_agent.count import DailyTotals, LineCounter
 from edge_agent.detect import make_detector
 from edge_agent.events import EventBuilder
-from edge_agent.health import EXIT_MEMORY_CEILING, LoopStats, Memory, MemoryGuard
+from edge_agent.health import (
+    EXIT_MEMORY_CEILING,
+    CeilingExits,
+    LoopStats,
+    Memory,
+    MemoryGuard,
+    adapt_to_exits,
+)
+from edge_agent.motion import MotionGate
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
 from edge_agent.track import Track, Tracker
@@ -56,6 +64,7 @@ class Pipeline:
         self.every_n = cfg.detect.every_n_frames
         self._since_detect = self.every_n
         self._shape: tuple[int, ...] = ()
+        self.motion = MotionGate(cfg.detect.motion) if cfg.detect.motion.enabled else None
 
     def step(self, frame: Frame) -> None:
         self.stats.frame(time.monotonic())
@@ -68,7 +77,7 @@ class Pipeline:
             self._since_detect = self.every_n
         self._since_detect += 1
         detections = None
-        if self._since_detect >= self.every_n:
+        if self._since_detect >= self.every_n and self._worth_detecting(frame):
             self._since_detect = 0
             t0 = time.perf_counter()
             detections = self.detector.detect(frame.image)
@@ -83,6 +92,16 @@ class Pipeline:
         """Counting lines, also on a reload (tracks carry on)."""
         self.lines.configure(lines)
         self.totals.set_lines(ln.name for ln in lines)
+
+    def _worth_detecting(self, frame: Frame) -> bool:
+        """With faces in view, always; otherwise only when something moves. The gate looks at
+        due frames only, so the detector still runs on the same frames as without it."""
+        moving = self.motion is None or self.motion.moving(frame.image)
+        if moving or self.tracker.tracks:
+            return True
+        self._since_detect = 0
+        self.stats.skipped()
+        return False
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""
@@ -148,8 +167,11 @@ def run(cfg: Config, stop: threading.Event | None = None,
     models.verify(cfg.models.dir, models.required_models(cfg.detect.backend,
                                                          cfg.classify.enabled))
     svc = service.Service()
+    exits = CeilingExits.beside(cfg.spool.path)
+    cfg = adapt_to_exits(cfg, exits)
     with contextlib.ExitStack() as cleanup:
         agent = Agent(cfg, cleanup)
+        agent.memory.exits = exits
         _await_source(agent.source, stop, cfg.source.open_timeout_s)
         svc.ready(agent.status())
         return _loop(agent, svc, stop, reload, config_path)
@@ -322,6 +344,8 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
                       agent.memory.rss_mb, agent.memory.ceiling_mb, EXIT_MEMORY_CEILING,
                       extra={"ERROR_KIND": "memory_ceiling"})
             code = EXIT_MEMORY_CEILING
+            if agent.memory.exits is not None:
+                agent.memory.exits.record(pipe.stats.uptime(), agent.memory.rss_mb)
             break
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
         if now >= next_state:
@@ -355,12 +379,14 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "fps": round(s.fps, 2),
         "frames": s.frames,
         "detect_ms": round(s.detect_ms, 2),
+        "detect_skipped": s.detect_skipped,
         "classify_ms": round(s.classify_ms, 2),
         "every_n": pipe.every_n,
         "rss_mb": round(memory.rss_mb, 1),
         "peak_rss_mb": round(memory.peak_mb, 1),
         "memory": memory.level.value,
         "memory_sheds": memory.sheds,
+        "ceiling_exits": len(memory.exits.exits) if memory.exits else 0,  # in the last hour
         "tracks": sum(t.confirmed for t in pipe.tracker.tracks),  # faces in view
         "people_today": pipe.totals.people,
         "last_gender": pipe.totals.last_face.get("gender"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import os
@@ -30,6 +31,11 @@ _T = TypeVar("_T")
 _MAX_STUCK_READERS = 3  # abandoned reader threads still inside a capture call, at most
 _ABANDON_GRACE_S = 0.5  # past a call's own timeout, before it is given up on
 _MAX_SKIP_S = 2.0
+# FFmpeg decodes with one thread: its default (one per core, plus one) cost more CPU per frame
+# (synchronisation) and holds a frame per thread; see docs/performance.md.
+DECODER_THREADS = 1
+_BIG_PIXELS = 1920 * 1080  # above this, full-size frames strain a 200 MB ceiling on a Pi
+_DECODER_BYTES_PER_PIXEL = 18  # H.264 at 4K, one thread: ~150 MB in the decoder (measured)
 
 
 @dataclass(slots=True)
@@ -101,6 +107,7 @@ class FileSource:
         self._path = path
         self._realtime = cfg.realtime
         self._loop = cfg.loop
+        self._max_width = cfg.max_width
         self._cap: cv2.VideoCapture | None = self._open()
         if not self._cap.grab():
             self._cap.release()
@@ -115,9 +122,13 @@ class FileSource:
         log.info(
             "%s: open (%.2f fps, realtime %s, loop %s)", path, self.fps, cfg.realtime, cfg.loop
         )
+        self._buf: np.ndarray | None = None
+        log_size(path, int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                 int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cfg.max_width)
 
     def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
+        cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG,
+                               [cv2.CAP_PROP_N_THREADS, DECODER_THREADS])
         if not cap.isOpened():
             cap.release()
             raise ValueError(f"{self._path}: not a readable video file")
@@ -163,10 +174,14 @@ class FileSource:
             self._finish()
             return None
         self._grabbed = False
-        ok, image = self._cap.retrieve()
+        # A frame that is scaled down at once is decoded into one reused buffer: at 4K that
+        # saves a 25 MB allocation per frame and the old frame lingering beside the new one.
+        ok, image = self._cap.retrieve(self._buf)
         if not ok:
             self._finish()
             return None
+        small = fit_width(image, self._max_width)
+        self._buf, image = (image if small is not image else None), small
         offset = self._index / self.fps
         frame = Frame(image, self._index, self._start_wall + offset, self._start_mono + offset)
         self._index += 1
@@ -331,10 +346,12 @@ class _LiveSource:
     def _pump(self, gen: int, cap: cv2.VideoCapture) -> tuple[bool, str]:
         """Hand frames over until the device fails; returns (any frame delivered, why it ended)."""
         delivered = False
+        buf: np.ndarray | None = None
         while self._current(gen):
             started = time.monotonic()
+            read = cap.read if buf is None else functools.partial(cap.read, buf)
             try:
-                ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S, cap.read)
+                ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S, read)
             except cv2.error as e:
                 return delivered, f"read failed: {e}"
             waited = time.monotonic() - started
@@ -342,6 +359,10 @@ class _LiveSource:
                 return delivered, f"no frame for {waited:.1f} s"
             if not ok or image is None:
                 return delivered, "stream ended or read failed"
+            if not delivered:
+                log_size(self.uri, image.shape[1], image.shape[0], self.cfg.max_width)
+            small = fit_width(image, self.cfg.max_width)
+            buf, image = (image if small is not image else None), small  # reuse what was scaled
             with self._cond:
                 if not self._current(gen):
                     break
@@ -407,12 +428,41 @@ class StreamSource(_LiveSource):
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, round(self.cfg.open_timeout_s * 1000),
             cv2.CAP_PROP_READ_TIMEOUT_MSEC, round(self.cfg.read_timeout_s * 1000),
+            cv2.CAP_PROP_N_THREADS, DECODER_THREADS,
         ]
         cap = cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
             raise OSError("cannot open stream")
         return cap
+
+
+def fit_width(image: np.ndarray, max_width: int | None) -> np.ndarray:
+    """The frame scaled down to `max_width` (never up), right after capture, so that the
+    full-size frame is dropped at once. Bilinear: at 1080p it costs 2.3 ms against INTER_AREA's
+    11 ms (x86); faces stay far larger than the detector's and the chips' inputs."""
+    h, w = image.shape[:2]
+    if max_width is None or w <= max_width:
+        return image
+    size = (max_width, max(1, round(h * max_width / w)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+
+
+def log_size(name: str, width: int, height: int, max_width: int | None) -> None:
+    """Say at start what size the source sends and what the agent does with it. The decoder's
+    own frames cannot be scaled: at 4K they alone take ~150 MB (docs/performance.md)."""
+    if width * height > _BIG_PIXELS:
+        log.warning("%s: source sends %dx%d; its decoder alone needs about %.0f MB here. If the "
+                    "memory ceiling is reached, use the camera's sub-stream (640-1280 px wide) "
+                    "or raise memory.ceiling_mb", name, width, height,
+                    width * height * _DECODER_BYTES_PER_PIXEL / 2**20)
+    if max_width is not None and width > max_width:
+        log.info("%s: source sends %dx%d; frames are scaled to %d px wide (source.max_width)",
+                 name, width, height, max_width)
+    elif width * height > _BIG_PIXELS:
+        log.warning("%s: source sends %dx%d at full size (source.max_width is off): this needs "
+                    "much memory and CPU; use the camera's sub-stream, set source.max_width "
+                    "(e.g. 1280), or raise memory.ceiling_mb", name, width, height)
 
 
 def _redact(uri: str) -> str:

@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=11, help="which generated scene")
     bench.add_argument("--modes", default="decode,agent,naive")
     bench.add_argument("--every-n", type=int, default=None)
+    bench.add_argument("--scene", choices=("busy", "quiet"), default="busy",
+                       help="generated scene: busy (30 people) or quiet door (mostly empty)")
+    bench.add_argument("--size", default=None,
+                       help="WxH: the busy scene scaled to this size, e.g. 1920x1080")
     bench.set_defaults(func=_bench)
     return p
 
@@ -157,4 +161,4 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     bench = _devtool("bench")
     return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
-                      args.every_n)
+                      args.every_n, args.scene, args.size)

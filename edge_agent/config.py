@@ -43,6 +43,8 @@ class SourceConfig:
     read_timeout_s: float = _opt(5.0, min=0.1)
     reconnect_min_s: float = _opt(0.5, min=0.01)
     reconnect_max_s: float = _opt(2.0, min=0.01)  # a stream that is back is read within ~3 s
+    # Wider frames are scaled down once, right after capture (null: never); see performance.md.
+    max_width: int | None = _opt(1280, min=160)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class DetectConfig:
     score_threshold: float = _opt(0.7, min=0.0, max=1.0)
     nms_threshold: float = _opt(0.3, min=0.0, max=1.0)
     min_face_px: int = _opt(20, min=1)
+    motion: MotionConfig = field(default_factory=lambda: MotionConfig())
 
 
 @dataclass(frozen=True)
@@ -381,3 +384,13 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
 
 def topic_base(cfg: Config) -> str:
     return f"{cfg.mqtt.topic_prefix}/{cfg.device_id}"
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """`detect.motion`: while no face is tracked, run the detector only when something moves
+    (edge_agent/motion.py). Reload rebuilds the pipeline."""
+    enabled: bool = True
+    width: int = _opt(160, min=32, max=640)  # grey copy compared with the background, px
+    threshold: float = _opt(20.0, min=1.0, max=255.0)  # grey levels a pixel must change by
+    min_area: float = _opt(0.002, min=0.0, max=1.0)  # fraction of the picture that must change

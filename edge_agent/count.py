@@ -1,7 +1,7 @@
 """Counting: line crossings per track, and the day's totals published on ``T/counts``.
 
-Direction (docs/contract.md, "Counting"): standing on `a` and facing `b`, a face whose centre crosses
-the segment from the left-hand side to the right-hand side is `in`; the other way is `out`.
+Direction (docs/contract.md, "Counting"): standing on `a` and facing `b`, a face whose centre
+crosses the segment from the left-hand side to the right-hand side is `in`; the other way `out`.
 """
 
 from __future__ import annotations

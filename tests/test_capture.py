@@ -362,3 +362,30 @@ def test_a_stalled_stream_is_reopened(mjpeg: MjpegServer) -> None:
         assert src.state == "open" and mjpeg.connections == 2
     finally:
         src.close()
+
+
+def _upscaled_code(img: np.ndarray) -> int:
+    return code(cv2.resize(img, (W, H), interpolation=cv2.INTER_NEAREST))
+
+
+def test_wider_frames_are_scaled_once_at_capture_each_frame_its_own(
+        mjpeg: MjpegServer, tmp_path: Path) -> None:
+    """source.max_width: a file and a live stream deliver frames at that width; the full-size
+    decode buffer is reused, so frames already handed over must keep their own content."""
+    clip = mp4v_clip(tmp_path / "c.mp4", 20, 25.0)
+    src = open_source(SourceConfig(uri=str(clip), realtime=False, max_width=W // 2))
+    frames = []
+    while (f := src.read(1.0)) is not None:
+        frames.append(f)
+    assert [f.image.shape for f in frames[:1]] == [(H // 2, W // 2, 3)]
+    assert [_upscaled_code(f.image) for f in frames] == list(range(20))
+
+    live = open_source(replace(LIVE, uri=f"http://127.0.0.1:{mjpeg.server_address[1]}/video",
+                               max_width=W // 2))
+    try:
+        got = collect(live, 1.0)
+    finally:
+        live.close()
+    assert len(got) >= 10 and got[0].image.shape == (H // 2, W // 2, 3)
+    codes = [_upscaled_code(f.image) for f in got]
+    assert all(b > a for a, b in itertools.pairwise(codes)), codes

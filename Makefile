@@ -25,3 +25,9 @@ test: system-deps $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m edge_agent bench --shared $(SHARED)
+
+# The arm64 tier: the agent installed into Debian arm64 under qemu-user-static, compared with this
+# machine's run (tests/test_arm64.py; the root, wheels and venv are cached).
+.PHONY: test-arm64
+test-arm64: system-deps $(VENV)/.installed
+	EDGE_AGENT_ARM64=1 EDGE_AGENT_SHARED=$(SHARED) $(PY) -m pytest -q -ra -s tests/test_arm64.py

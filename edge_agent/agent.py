@@ -190,8 +190,7 @@ class Agent:
         cleanup.callback(lambda: self.publisher.stop())
         self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()))
         self.memory = MemoryGuard(cfg.memory)
-        self.metrics = (metrics.Textfile(cfg.metrics.textfile, cfg.device_id, cfg.camera)
-                        if cfg.metrics.textfile else None)
+        self.metrics = metrics.Textfile(cfg.metrics.textfile) if cfg.metrics.textfile else None
 
     def publish(self, event: dict[str, Any]) -> None:
         seq = self.publisher.publish_event(event)
@@ -207,7 +206,7 @@ class Agent:
         state = self.snapshot()
         self.publisher.publish_state(state)
         if self.metrics:
-            self.metrics.write(state)
+            self.metrics.write(state, self.cfg.device_id, self.cfg.camera)
 
     def status(self) -> str:
         return service.status_line(self.snapshot())

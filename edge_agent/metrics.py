@@ -52,17 +52,17 @@ class Textfile:
     """Writes the textfile; a failing write is logged once per distinct error, never raised:
     metrics must not stop the frame loop."""
 
-    def __init__(self, path: str, device: str, camera: str) -> None:
-        self.path, self.device, self.camera = path, device, camera
+    def __init__(self, path: str) -> None:
+        self.path = path
         self._last_error: str | None = None
 
-    def write(self, state: Mapping[str, Any]) -> bool:
+    def write(self, state: Mapping[str, Any], device: str, camera: str) -> bool:
         folder = os.path.dirname(os.path.abspath(self.path))
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=".edge-agent-", suffix=".tmp", dir=folder)
             with os.fdopen(fd, "w") as f:
-                f.write(render(state, self.device, self.camera))
+                f.write(render(state, device, camera))
             os.chmod(tmp, 0o644)
             os.replace(tmp, self.path)
         except OSError as e:

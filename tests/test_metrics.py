@@ -48,14 +48,14 @@ def test_write_replaces_the_file_and_survives_a_missing_folder(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture
                                                                 ) -> None:
     path = tmp_path / "edge_agent.prom"
-    tf = metrics.Textfile(str(path), "pi", "door")
-    assert tf.write(STATE) and tf.write({**STATE, "frames": 181})
+    tf = metrics.Textfile(str(path))
+    assert tf.write(STATE, "pi", "door") and tf.write({**STATE, "frames": 181}, "pi", "door")
     assert "edge_agent_frames_total{" in path.read_text()
     assert path.read_text().count("} 181\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["edge_agent.prom"]  # no temporary left
     assert oct(path.stat().st_mode & 0o777) == "0o644"
-    gone = metrics.Textfile(str(tmp_path / "missing" / "x.prom"), "pi", "door")
-    assert not gone.write(STATE) and not gone.write(STATE)
+    gone = metrics.Textfile(str(tmp_path / "missing" / "x.prom"))
+    assert not gone.write(STATE, "pi", "door") and not gone.write(STATE, "pi", "door")
     assert len([r for r in caplog.records if "not written" in r.getMessage()]) == 1
 
 

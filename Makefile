@@ -31,3 +31,9 @@ test: system-deps $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(SHARED_ENV) $(PY) -m edge_agent bench
+
+# The arm64 tier: the agent installed into Debian arm64 under qemu-user-static, compared with this
+# machine's run (tests/test_arm64.py; the root, wheels and venv are cached).
+.PHONY: test-arm64
+test-arm64: system-deps $(VENV)/.installed
+	EDGE_AGENT_ARM64=1 $(SHARED_ENV) $(PY) -m pytest -q -ra -s tests/test_arm64.py

@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 
-from edge_agent import config, models, mqtt, service
+from edge_agent import config, metrics, models, mqtt, service
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
 from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
@@ -210,6 +210,7 @@ class Agent:
         self.totals.publish()
         self.publisher.set_discovery_lines([ln.name for ln in cfg.count.lines])
         self.memory = MemoryGuard(cfg.memory)
+        self.metrics = metrics.Textfile(cfg.metrics.textfile) if cfg.metrics.textfile else None
 
     def _publish_counts(self, payload: str) -> None:
         self.publisher.publish_counts(payload)
@@ -222,6 +223,13 @@ class Agent:
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self.pipe, self.source, self.memory, self.publisher, self.spool)
+
+    def publish_state(self) -> None:
+        """`T/state`, and the same figures into `metrics.textfile` if there is one."""
+        state = self.snapshot()
+        self.publisher.publish_state(state)
+        if self.metrics:
+            self.metrics.write(state, self.cfg.device_id, self.cfg.camera)
 
     def status(self) -> str:
         return service.status_line(self.snapshot())
@@ -350,7 +358,7 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
         if now >= next_state:
             next_state = now + cfg.mqtt.state_interval_s
-            agent.publisher.publish_state(agent.snapshot())
+            agent.publish_state()
         svc.beat(now, source.state != "hung", agent.status)
         if reload.is_set():
             reload.clear()
@@ -359,7 +367,7 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
             svc.ready(agent.status())
     svc.stopping("memory ceiling reached, exiting to be restarted" if code else "stopping")
     agent.pipe.finish()
-    agent.publisher.publish_state(agent.snapshot())
+    agent.publish_state()
     drain = agent.cfg.mqtt.drain_timeout_s
     if code or stop.is_set():
         drain = min(drain, STOP_DRAIN_S)

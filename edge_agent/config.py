@@ -135,6 +135,13 @@ class CountConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`textfile`: a node_exporter textfile (`*.prom`) rewritten with the `T/state` figures
+    every `mqtt.state_interval_s`; null = none. Takes effect at the next start."""
+    textfile: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str = ""
     camera: str = "default"
@@ -149,6 +156,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     count: CountConfig = field(default_factory=CountConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _TOPIC_LEVEL_FORBIDDEN = set("#+/\0")
@@ -328,6 +336,10 @@ def _check_semantics(cfg: Config) -> None:
             f"classify.window: expected an integer >= classify.samples ({cfg.classify.samples}), "
             f"got {cfg.classify.window}"
         )
+    textfile = cfg.metrics.textfile
+    if textfile is not None and not textfile.endswith(".prom"):
+        raise ConfigError(f"metrics.textfile: expected a path ending in .prom (node_exporter "
+                          f"reads only those), got {textfile!r}")
 
 
 def _check_lines(c: CountConfig) -> None:
@@ -379,6 +391,7 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         mqtt=dataclasses.replace(cfg.mqtt, password_file=rel(cfg.mqtt.password_file),
                                  ca_file=rel(cfg.mqtt.ca_file), cert_file=rel(cfg.mqtt.cert_file),
                                  key_file=rel(cfg.mqtt.key_file)),
+        metrics=dataclasses.replace(cfg.metrics, textfile=rel(cfg.metrics.textfile)),
     )
 
 

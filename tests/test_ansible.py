@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import MODELS, NO_SHARED, REPO, SHARED, fetch_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "ansible"))
@@ -339,3 +340,45 @@ def test_config_the_agent_rejects_never_reaches_the_pi(fleet: Fleet) -> None:
     assert fleet.current(0) == good
     assert fleet.status(0) == "online"
     assert run.recap[fleet.bed.hosts[1].name]["changed"] == 0
+
+
+@pytest.mark.timeout(900)
+def test_a_list_of_cameras_runs_one_instance_each(fleet: Fleet) -> None:
+    """edge_agent_cameras on one host: the single service gives way to one edge-agent@<name>
+    per camera, each its own device on the broker with its own configuration and spool; the
+    other host keeps its single service."""
+    new = f"{fleet.base_version}.post3"
+    canary, multi = fleet.bed.hosts[0].name, fleet.bed.hosts[1].name
+    (fleet.inventory / "host_vars" / f"{canary}.yml").write_text("{}")
+    cameras = [{"name": "door", "source_uri": "/srv/edge-agent/clip.mp4"},
+               {"name": "yard", "source_uri": "/srv/edge-agent/clip.mp4",
+                "config_extra": {"detect": {"every_n_frames": 3}}}]
+    (fleet.inventory / "host_vars" / f"{multi}.yml").write_text(json.dumps(
+        {"edge_agent_cameras": cameras}))
+    run = fleet.play("cameras", _source_copy(fleet.workdir / "src-post3", new))
+    assert run.rc == 0, run.log[-6000:]
+    host = fleet.bed.hosts[1]
+    assert host.sh("systemctl is-active edge-agent", check=False).stdout.strip() != "active"
+    assert host.sh("systemctl is-enabled edge-agent", check=False).stdout.strip() != "enabled"
+    pids = set()
+    for cam in ("door", "yard"):
+        unit = f"edge-agent@{cam}"
+        assert host.sh(f"systemctl is-active {unit}").stdout.strip() == "active"
+        assert host.sh(f"systemctl is-enabled {unit}").stdout.strip() == "enabled"
+        pids.add(host.sh(f"systemctl show -p MainPID --value {unit}").stdout.strip())
+        cfg = yaml.safe_load(host.sh(f"cat /etc/edge-agent/{cam}.yaml").stdout)
+        assert cfg["device_id"] == f"{multi}-{cam}" and cfg["camera"] == cam
+        assert cfg["spool"]["path"] == f"/var/lib/edge-agent-{cam}/spool.db"
+        assert cfg["mqtt"]["password_credential"] == f"mqtt-password-{cam}"
+        assert host.sh(f"test -s /var/lib/edge-agent-{cam}/spool.db && "
+                       f"stat -c %a /etc/credstore/mqtt-password-{cam}").stdout.strip() == "600"
+        r = subprocess.run(
+            ["mosquitto_sub", "-h", fleet.bed.controller_address, "-p",
+             str(testbed.BROKER_PORT), "-u", testbed.MQTT_USER, "-P", fleet.bed.mqtt_password,
+             "-C", "1", "-W", "5", "-t", f"fleettest/{multi}-{cam}/status"],
+            capture_output=True, text=True, timeout=10)
+        assert r.stdout.strip() == "online", f"{multi}-{cam} is not online on the broker"
+    assert len(pids) == 2
+    assert yaml.safe_load(host.sh("cat /etc/edge-agent/yard.yaml").stdout
+                          )["detect"]["every_n_frames"] == 3
+    assert fleet.active(0) == "active" and fleet.current(0) == new

@@ -411,3 +411,135 @@ def test_stop_is_clean_and_quick(machine: Machine) -> None:
     assert took < 8, f"stop took {took:.1f} s"
     print(f"systemctl stop took {took:.1f} s")
     assert not _systemd_says(machine.journal(cursor), "SIGKILL")
+
+
+# --- one instance per camera: deploy/systemd/edge-agent@.service -------------------------------
+
+TEMPLATE = REPO / "deploy" / "systemd" / "edge-agent@.service"
+# The settings an instance changes; everything else (the hardening) must be the same as the unit's.
+_PER_INSTANCE = {"Description", "ExecStart", "User", "StateDirectory", "LoadCredential"}
+
+
+def _render_instance(tmp_path: Path, instance: str = "front") -> Path:
+    """The template as an instance file, with an ExecStart that exists here (for verify)."""
+    text = TEMPLATE.read_text().replace(f"{VENV}/bin/edge-agent", sys.executable + " -m edge_agent")
+    path = tmp_path / f"edge-agent@{instance}.service"
+    path.write_text(text)
+    return path
+
+
+def test_template_unit_verifies_clean(tmp_path: Path) -> None:
+    r = _analyze("verify", str(_render_instance(tmp_path)), cwd=tmp_path)
+    assert r.returncode == 0
+    assert r.stdout + r.stderr == "", r.stdout + r.stderr
+
+
+def test_template_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    r = _analyze("security", "--offline=true", str(_render_instance(tmp_path)), cwd=tmp_path)
+    m = re.search(r"Overall exposure level for edge-agent@front\.service: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.0, r.stdout
+
+
+def test_template_unit_differs_only_per_instance() -> None:
+    def settings(path: Path) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for key, value in re.findall(r"^(\w+)=(.*)$", path.read_text(), re.M):
+            found.setdefault(key, []).append(value)
+        return found
+
+    unit, template = settings(UNIT), settings(TEMPLATE)
+    assert unit.keys() | {"User"} == template.keys()
+    differ = {k for k in template if unit.get(k) != template[k]}
+    assert differ == _PER_INSTANCE, differ
+    assert template["ExecStart"] == [f"{VENV}/bin/edge-agent run -c /etc/edge-agent/%i.yaml"]
+    assert template["User"] == ["edge-agent-%i"]
+    assert template["StateDirectory"] == ["edge-agent-%i"]
+    assert template["LoadCredential"] == ["mqtt-password-%i"]
+
+
+def _instance_config(instance: str) -> str:
+    return _agent_config(device_id=f"nspawn-pi-{instance}", camera=instance,
+                         spool={"path": f"/var/lib/edge-agent-{instance}/spool.db"},
+                         mqtt={"host": "127.0.0.1", "port": 1883, "state_interval_s": 1,
+                               "password_credential": f"mqtt-password-{instance}"})
+
+
+def _show_unit(machine: Machine, unit: str, *props: str) -> dict[str, str]:
+    out = machine.sh(f"systemctl show {unit} -p {','.join(props)}").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+class _ContainerBroker:
+    """The host's mosquitto and a mosquitto_sub, both in the container's network namespace, so
+    the instances reach it on their own 127.0.0.1:1883 (the container has no other network)."""
+
+    def __init__(self, leader: int, work: Path) -> None:
+        conf = work / "mosquitto.conf"
+        conf.write_text("listener 1883 127.0.0.1\nallow_anonymous true\nuser root\n")
+        self.log = work / "sub.log"
+        enter = ["nsenter", "-t", str(leader), "-n"]
+        self.broker = subprocess.Popen([*enter, "mosquitto", "-c", str(conf)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        with self.log.open("w") as out:
+            self.sub = subprocess.Popen([*enter, "mosquitto_sub", "-v", "-t", "edge-agent/#"],
+                                        stdout=out, stderr=subprocess.STDOUT)
+
+    def messages(self) -> list[tuple[str, str]]:
+        lines = self.log.read_text().splitlines()
+        return [(t, p) for t, _, p in (line.partition(" ") for line in lines)]
+
+    def close(self) -> None:
+        for p in (self.sub, self.broker):
+            p.terminate()
+            p.wait(10)
+
+
+def test_two_instances_run_side_by_side(machine: Machine,
+                                        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two cameras on one Pi: both READY at once, each with its own user, topics and spool;
+    restarting one leaves the other's process and its stream of events alone."""
+    if not shutil.which("mosquitto_sub"):
+        pytest.skip("mosquitto not installed (scripts/install-system-deps)")
+    instances = ("front", "back")
+    for name in instances:
+        (machine.etc / f"{name}.yaml").write_text(_instance_config(name))
+    shutil.copy(TEMPLATE, machine.etc / "edge-agent@.service")
+    machine.sh("cp /etc/edge-agent/edge-agent@.service /etc/systemd/system/ && "
+               "systemctl daemon-reload")
+    broker = _ContainerBroker(machine.leader, tmp_path_factory.mktemp("broker"))
+    units = [f"edge-agent@{name}" for name in instances]
+    try:
+        machine.sh(f"systemctl start {' '.join(units)}")  # returns once both sent READY=1
+        shown = {u: _show_unit(machine, u, "ActiveState", "SubState", "MainPID") for u in units}
+        assert all(s["SubState"] == "running" for s in shown.values()), shown
+        pids = {u: s["MainPID"] for u, s in shown.items()}
+        uids = {u: machine.sh(f"ps -o uid= -p {pid}").stdout.strip() for u, pid in pids.items()}
+        assert len(set(uids.values())) == 2 and "0" not in uids.values(), uids
+
+        def topics() -> set[str]:
+            return {t for t, _ in broker.messages()}
+
+        wanted = {f"edge-agent/nspawn-pi-{n}/{kind}" for n in instances
+                  for kind in ("status", "state", "events")}
+        machine.wait_for(lambda: wanted <= topics(), 60, f"messages on {sorted(wanted)}")
+        for name in instances:
+            spool = f"/var/lib/edge-agent-{name}/spool.db"
+            owner = machine.sh(f"stat -L -c %u {spool}").stdout.strip()
+            assert owner == uids[f"edge-agent@{name}"], (spool, owner, uids)
+
+        machine.sh("systemctl restart edge-agent@back")
+        after = {u: _show_unit(machine, u, "SubState", "MainPID", "NRestarts") for u in units}
+        assert after["edge-agent@front"]["MainPID"] == pids["edge-agent@front"], after
+        assert after["edge-agent@back"]["MainPID"] != pids["edge-agent@back"], after
+        assert all(s["SubState"] == "running" for s in after.values()), after
+        seen = len(broker.messages())
+        machine.wait_for(lambda: any(t == "edge-agent/nspawn-pi-front/state"
+                                     for t, _ in broker.messages()[seen:]),
+                         10, "the front camera's state refreshed while back restarted")
+        offline = [t for t, p in broker.messages() if p == "offline"]
+        assert offline == ["edge-agent/nspawn-pi-back/status"], offline
+    finally:
+        machine.sh(f"systemctl stop {' '.join(units)}", check=False)
+        broker.close()

@@ -89,7 +89,8 @@ def test_delivers_in_order_with_status_and_state(broker, spool: Spool, protocol:
         assert pub.connected and pub.inflight == 0 and pub.reconnects == 0
         assert wait_for(lambda: len(sub.seqs()) >= 300)
         assert sub.seqs() == list(range(1, 301))
-        assert sub.payloads("events")[0] == '{"type":"new","i":0,"seq":1}'
+        assert sub.payloads("events")[0] == ('{"type":"new","i":0,"spool_id":"'
+                                              + spool.spool_id + '","seq":1}')
         pub.publish_state({"fps": 1.5})
         assert wait_for(lambda: sub.payloads("state") == ['{"fps":1.5}'])
         late = Sub(broker.port)  # retained messages reach a subscriber that comes later

@@ -144,6 +144,7 @@ class Publisher:
         self._queue_max = 2 * self._window + _RESERVE
         self._inflight: dict[int, int] = {}  # sender thread only
         self._cursor = 0  # highest seq sent in the current session
+        self._generation = spool.generation  # the spool's keys moved when this changes
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._count_lock = threading.Lock()
@@ -299,9 +300,12 @@ class Publisher:
         """Apply acks, then fill the window from the spool, oldest first."""
         self._apply_acks()
         current = self._session
-        if current != session:
+        if current != session or self._generation != self._spool.generation:
+            # a new session, or the spool went from memory back to disk: start from the oldest
+            self._generation = self._spool.generation
             self._inflight.clear()
             self._cursor = 0
+        if current != session:
             back = self._spool.requeue_refused()
             if back:
                 log.info("mqtt: retrying %d events the broker refused before", back)

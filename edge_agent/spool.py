@@ -392,8 +392,9 @@ class Spool:
             with self._tx("NORMAL") as db:
                 before = db.total_changes
                 db.executemany("DELETE FROM events WHERE seq=?", ((q,) for q in keys))
-                self._depth -= db.total_changes - before
+                removed = db.total_changes - before
                 self._save_clock(db, self.clock(), self._wall())
+            self._depth -= removed  # only once committed: a full disk can refuse the commit
             self._unapplied_acks.clear()
         except sqlite3.Error as e:
             # a full disk can refuse even a delete; remember it, resend nothing meanwhile
@@ -419,10 +420,10 @@ class Spool:
                         db.execute("INSERT OR IGNORE INTO refused SELECT * FROM events "
                                    "WHERE seq=?", (q,))
                         db.execute("DELETE FROM events WHERE seq=?", (q,))
+                    moved = (db.total_changes - before) // 2
                     for _, payload in mem:
                         db.execute("INSERT INTO refused (created, payload) VALUES (?, ?)",
                                    (self.clock(), payload))
-                    self._depth -= (db.total_changes - before - 2 * len(mem)) // 2
                     over = db.execute("SELECT count(*) FROM refused").fetchone()[0] - MAX_REFUSED
                     if over > 0:
                         db.execute("DELETE FROM refused WHERE seq IN (SELECT seq FROM refused "
@@ -433,6 +434,8 @@ class Spool:
             except sqlite3.Error as e:
                 self._memory.extendleft(reversed(mem))
                 log.error("spool %s: cannot keep refused events aside: %s", self._path, e)
+                return
+            self._depth -= moved
 
     def requeue_refused(self) -> int:
         """Put refused events back in the queue (after a connect: the broker may allow them
@@ -498,11 +501,11 @@ class Spool:
                 self._connect()
             with self._tx() as db:
                 self._save_clock(db, self.clock(), self._wall())
-                if self._unapplied_acks:
-                    before = db.total_changes
-                    db.executemany("DELETE FROM events WHERE seq=?",
-                                   ((q,) for q in self._unapplied_acks))
-                    self._depth -= db.total_changes - before
+                before = db.total_changes
+                db.executemany("DELETE FROM events WHERE seq=?",
+                               ((q,) for q in self._unapplied_acks))
+                removed = db.total_changes - before
+            self._depth -= removed
         except (OSError, sqlite3.Error) as e:
             if self._db is None and _corrupt(e):
                 self._put_aside(e)

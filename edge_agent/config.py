@@ -180,7 +180,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{_clip(str(key))}: unknown key (known here: {known})")
+            name = key if isinstance(key, str) and key.strip() == key and key else repr(key)
+            raise ConfigError(f"{prefix}{_clip(name)}: unknown key (known here: {known})")
     values: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:

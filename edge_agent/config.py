@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from edge_agent import redact
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message starts with the key path."""
@@ -157,6 +159,8 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{p}: not valid YAML: {_clip(str(e))}") from None
     except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
         raise ConfigError(f"{p}: not valid YAML: {type(e).__name__}") from None
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        redact.remember_uri(data["source"].get("uri"))
     try:
         return from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
     except ConfigError:

@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 from typing import Any
+from urllib.parse import unquote
 
 MASK = "***"
 _URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^\s@/]*)@")
@@ -24,6 +25,16 @@ def remember(secret: str | None) -> None:
     if secret and len(secret) >= _MIN_SECRET:
         with _lock:
             _secrets.add(secret)
+
+
+def remember_uri(uri: object) -> None:
+    """Remember the password in `uri` (if any) as a secret: then even an error message that
+    quotes it out of its URI hides it."""
+    if isinstance(uri, str):
+        m = _URI_PASSWORD.search(uri)
+        if m:
+            remember(unquote(m["pw"]))
+            remember(m["pw"])
 
 
 def redact(text: str) -> str:

@@ -177,9 +177,19 @@ class Spool:
             self._open_failed(e)
 
     def _open_failed(self, e: BaseException) -> None:
-        if not _disk_fault(e):
+        if not _disk_fault(e) and not self._folder_faulty():
             raise SpoolError(f"spool.path: cannot use {self._path}: {e}") from None
         self._enter_memory(f"cannot open: {e}")
+
+    def _folder_faulty(self) -> bool:
+        """SQLite says only "unable to open database file": ask the file system why."""
+        probe = self._path.with_name(f".{self._path.name}.probe")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+            probe.unlink()
+        except OSError as e:
+            return e.errno in _DISK_FAULTS
+        return False
 
     def _connect(self) -> None:
         db = sqlite3.connect(self._path, timeout=5.0, isolation_level=None,

@@ -342,3 +342,29 @@ def test_oversized_binary_and_empty_ha_status_are_ignored_and_counted(
         c.disconnect()
         pub.stop()
         spool.close()
+
+
+def test_read_only_disk_at_start_runs_from_memory_then_returns_to_disk(
+        small_disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "RETRY_DISK_S", 0.0)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    spool = Spool(SpoolConfig(path=str(small_disk / "spool.db")))
+    try:
+        assert spool.fault and spool.depth() == 0
+        assert [spool.append({"i": i}) for i in range(3)] == [1, 2, 3]
+        memory_id = spool.spool_id
+        spool.maintain()
+        assert spool.fault
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        spool.maintain()
+        assert not spool.fault and spool.spool_id != memory_id
+        assert spool.depth() == 3 and spool.append({"i": 3}) == 1
+        assert [json.loads(p)["spool_id"] for _, p in spool.pending(0, 10)] == \
+            [spool.spool_id] + [memory_id] * 3
+    finally:
+        assert spool.close() == 0
+    spool = Spool(SpoolConfig(path=str(small_disk / "spool.db")))
+    assert spool.depth() == 4  # what memory held went to disk at close
+    spool.close()

@@ -71,7 +71,7 @@ class Watcher:
                                   clean_session=False)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(f"{base}/#", qos=1)
-        self.client.reconnect_delay_set(0.2, 1.0)
+        self.client.reconnect_delay_set(1, 2)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 

@@ -218,6 +218,7 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         or (base is float and isinstance(raw, int | float) and not isinstance(raw, bool))
         or (base is str and isinstance(raw, str))
     )
+    value: Any = raw
     try:
         value = float(raw) if ok and base is float else raw
     except OverflowError:  # an integer with hundreds of digits

@@ -383,6 +383,7 @@ class Publisher:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._socket_opened = 0.0  # a CONNACK came, whatever it says
         if reason.is_failure:
             hint = (" (check mqtt.username and the password)"
                     if reason.value in _AUTH_REFUSALS else "")
@@ -390,7 +391,6 @@ class Publisher:
                       self._cfg.host, self._cfg.port, reason, hint, self._next_delay())
             return
         self._failures = 0
-        self._socket_opened = 0.0
         self._send(self._t_status, "online", retain=True)
         if self._discovery:
             client.subscribe(self._t_ha_status, qos=1)

@@ -368,3 +368,24 @@ def test_read_only_disk_at_start_runs_from_memory_then_returns_to_disk(
     spool = Spool(SpoolConfig(path=str(small_disk / "spool.db")))
     assert spool.depth() == 4  # what memory held went to disk at close
     spool.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_network_thread_is_noticed(tmp_path: Path, broker: Broker) -> None:
+    """keepalive 70000 (refused by config.load since) made paho's thread die of struct.error
+    at CONNECT; built without the loader, it still does, and the publisher notices."""
+    spool = Spool(SpoolConfig(path=str(tmp_path / "spool.db")))
+    pub = Publisher(MqttConfig(port=broker.port, keepalive_s=70000, discovery=False), T, spool)
+    try:
+        assert _wait(lambda: not pub.network_alive(), 10)
+        assert not pub.connected
+    finally:
+        pub.stop()
+        spool.close()
+    ok = Publisher(MqttConfig(port=broker.port, discovery=False), T, spool := Spool(
+        SpoolConfig(path=str(tmp_path / "spool2.db"))))
+    try:
+        assert _wait(lambda: ok.connected) and ok.network_alive()
+    finally:
+        ok.stop()
+        spool.close()

@@ -181,14 +181,23 @@ def _wait(pred: Any, timeout: float = 10.0) -> bool:
 
 
 class Sub:
-    def __init__(self, port: int, topic: str = f"{T}/events") -> None:
+    def __init__(self, port: int, topic: str = f"{T}/events", name: str = "sub") -> None:
         self.got: list[bytes] = []
-        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"sub-{os.getpid()}")
+        self.last: dict[str, bytes] = {}
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{name}-{os.getpid()}")
         self.c.username_pw_set("reader")
-        self.c.on_message = lambda _c, _u, m: self.got.append(m.payload)
+        self.c.on_message = self._on_message
         self.c.connect("127.0.0.1", port)
         self.c.subscribe(topic, qos=1)
         self.c.loop_start()
+
+    def _on_message(self, _c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
+        if m.topic.endswith("/events"):
+            self.got.append(m.payload)
+        self.last[m.topic.rsplit("/", 1)[1]] = m.payload
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for p in list(self.got)]
 
     def close(self) -> None:
         self.c.loop_stop()
@@ -389,3 +398,50 @@ def test_a_dead_network_thread_is_noticed(tmp_path: Path, broker: Broker) -> Non
     finally:
         ok.stop()
         spool.close()
+
+
+def test_agent_on_a_disk_that_fills_mid_run_delivers_every_event(
+        small_disk: Path, tmp_path: Path, clip: Path, broker: Broker,  # noqa: F811
+        models_dir: Path) -> None:
+    """The issue's run: the spool on a 256 KB file system that fills up while the clip plays.
+    Every event reaches the broker once (by spool_id, seq), the agent exits 0, and the last
+    T/state reports an empty spool: nothing was left, so no stop message claims otherwise."""
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(clip), realtime=False)
+    data = yaml.safe_load(cfg.read_text())
+    data["spool"]["path"] = str(small_disk / "spool.db")
+    cfg.write_text(yaml.safe_dump(data))
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"\0" * 140 * 1024)  # room to open the spool, not for the run
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    baseline = tmp_path / "baseline.yaml"
+    baseline.write_text(yaml.safe_dump(data | {"spool": {"path": str(tmp_path / "b.db")},
+                                               "device_id": "baseline"}))
+    base_rec = Sub(broker.port, "edge-agent/baseline/#", "base")
+    rec = Sub(broker.port, f"{T}/#", "full")
+    try:
+        b = subprocess.run([sys.executable, "-m", "edge_agent", "run", "-c", str(baseline)],
+                           capture_output=True, text=True, timeout=180, env=clean_env())
+        assert b.returncode == 0, b.stderr[-2000:]
+        r = subprocess.run([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)],
+                           capture_output=True, text=True, timeout=180, env=clean_env())
+        assert _wait(lambda: rec.last.get("status") == b"offline", 5)
+    finally:
+        rec.close()
+        base_rec.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "keeping events in memory" in r.stderr, "the disk never filled"
+    assert "could not store event" not in r.stderr and "Traceback" not in r.stderr
+    assert "not yet acknowledged" not in r.stderr, r.stderr[-2000:]
+    events = rec.events()
+    keys = [(e["spool_id"], e["seq"]) for e in events]
+    assert len(set(keys)) == len(base_rec.events()), (keys, len(base_rec.events()))
+    assert len({sid for sid, _ in keys}) >= 2, "no event went through memory"
+    state = json.loads(rec.last["state"])
+    assert state["spool_depth"] == 0, state
+    news = {e["track_id"] for e in events if e["type"] == "new"}
+    ends = {e["track_id"] for e in events if e["type"] == "end"}
+    assert news and news == ends, (news, ends)

@@ -213,8 +213,14 @@ class Agent:
                   self.network_restarts, extra={"ERROR_KIND": "mqtt"})
         if self.network_restarts > MAX_NETWORK_RESTARTS:
             return False
+        try:
+            fresh = Publisher(self.cfg.mqtt, topic_base(self.cfg), self.spool, start=False)
+        except ConfigError as e:  # e.g. the password file went away: try again next time
+            log.error("mqtt: cannot start a new connection: %s", e, extra={"ERROR_KIND": "mqtt"})
+            return True
         self.publisher.stop(STOP_PUBLISHER_S)
-        self.publisher = Publisher(self.cfg.mqtt, topic_base(self.cfg), self.spool)
+        self.publisher = fresh
+        fresh.start()
         return True
 
     def publish(self, event: dict[str, Any]) -> None:

@@ -140,7 +140,7 @@ class SignalRelay:
 
     def __exit__(self, *exc: object) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGHUP else signal.SIG_IGN)
+            signal.signal(sig, signal.SIG_IGN)  # stopping already: a late one must not kill it
         signal.set_wakeup_fd(self._old_fd)
         self._closed = True
         os.close(self._w)  # the relay thread reads EOF and ends

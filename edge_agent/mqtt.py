@@ -155,7 +155,6 @@ class Publisher:
         self._reconnects = 0
         self._warned_rejects = False
         self._ignored = 0  # messages received and ignored (oversized, not `online`/`offline`)
-        self._refused = 0  # events the broker refused (MQTT 5 reason codes) in this session
         self._socket_opened = 0.0  # monotonic time of the last TCP connect without CONNACK yet
         self._net: threading.Thread | None = None
         self._started = False
@@ -357,7 +356,6 @@ class Publisher:
             else:
                 done.append(seq)
         if refused:
-            self._refused += len(refused)
             self._spool.refuse_many(refused)
         if done:
             self._spool.ack_many(done)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from typing import Any
 from urllib.parse import unquote
 
 MASK = "***"
@@ -74,13 +73,3 @@ def install(logger: logging.Logger | None = None) -> None:
         if not any(isinstance(f, Filter) for f in handler.filters):
             handler.addFilter(Filter())
 
-
-def deep(obj: Any) -> Any:
-    """`redact` applied to every string in a JSON-like value."""
-    if isinstance(obj, str):
-        return redact(obj)
-    if isinstance(obj, dict):
-        return {k: deep(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [deep(v) for v in obj]
-    return obj

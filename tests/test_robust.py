@@ -445,3 +445,20 @@ def test_agent_on_a_disk_that_fills_mid_run_delivers_every_event(
     news = {e["track_id"] for e in events if e["type"] == "new"}
     ends = {e["track_id"] for e in events if e["type"] == "end"}
     assert news and news == ends, (news, ends)
+
+
+def test_the_unit_restarts_on_every_exit_code_but_configuration() -> None:
+    from conftest import REPO
+
+    from edge_agent.agent import EXIT_FAULT
+    from edge_agent.health import EXIT_MEMORY_CEILING
+
+    unit = (REPO / "deploy" / "systemd" / "edge-agent.service").read_text()
+    settings = dict(line.split("=", 1) for line in unit.splitlines()
+                    if "=" in line and not line.startswith("#"))
+    assert settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"].split() == ["2"]
+    assert {EXIT_FAULT, EXIT_MEMORY_CEILING} == {74, 75}
+    ops = (REPO / "docs" / "operations.md").read_text()
+    for code in (0, 2, 3, 74, 75):
+        assert f"| {code} |" in ops or f"| **{code}** |" in ops, code

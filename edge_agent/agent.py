@@ -233,7 +233,10 @@ class Agent:
         return snapshot(self.pipe, self.source, self.memory, self.publisher, self.spool)
 
     def status(self) -> str:
-        return service.status_line(self.snapshot())
+        line = service.status_line(self.snapshot())
+        if self.spool.fault:
+            line += " (in memory: the disk fails)"
+        return redact.redact(line)  # systemctl status is pasted into support threads
 
     def reload(self, path: str | None) -> None:
         """Apply the configuration now in `path`; if it is invalid, keep running as before."""

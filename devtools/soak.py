@@ -4,13 +4,16 @@ first minute after warm-up, and the fitted slope). Exits 1 if the growth reaches
 
 With --faults, every few seconds one fault at random: the broker stopped (SIGTERM) or killed
 (SIGKILL) and started again seconds later, a SIGHUP storm, or a window in which the broker
-refuses `T/events` (an ACL, MQTT 5). It then reports events produced against events received
+refuses `T/events` (an ACL, MQTT 5). With --rtsp the clip comes from an RTSP server
+(tests/rtsp_server.py, Debian's python3 with gst-rtsp-server) and the faults also restart it,
+hang it (SIGSTOP for seconds, its sockets open) and change the resolution (a live test pattern
+at another size for a while). It then reports events produced against events received
 after dedupe by (device, spool_id, seq) (what is still in the spool at the end counts as
 produced, not lost), the largest gap in delivery, and RSS, threads and open file descriptors
 over time. Exits 1 on any lost event, or if threads or descriptors grew.
 
     python3 devtools/soak.py --minutes 12 --warmup 2 [--clip CLIP] [--shared ../shared]
-    python3 devtools/soak.py --minutes 30 --warmup 2 --faults
+    python3 devtools/soak.py --minutes 30 --warmup 2 --faults [--rtsp]
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ from devtools.broker import free_port, start_mosquitto
 
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 BASE = "edge-agent/soak"
+RTSP_SERVER = Path(__file__).resolve().parent.parent / "tests" / "rtsp_server.py"
+DEBIAN_PYTHON = "/usr/bin/python3"  # the one with Debian's `gi`
+
+
+class Rtsp:
+    """The clip (or a test pattern at another size) served over RTSP on a loopback port."""
+
+    def __init__(self, port: int, clip: str) -> None:
+        self.port, self.clip = port, clip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"rtsp://127.0.0.1:{port}/soak"
+
+    def start(self, *extra: str) -> None:
+        source = list(extra) or ["--file", self.clip]
+        self.proc = subprocess.Popen([DEBIAN_PYTHON, str(RTSP_SERVER), "--port", str(self.port),
+                                      "--mount", "/soak", *source], stdout=subprocess.DEVNULL)
+        time.sleep(0.3)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
 
 
 def persist(work: Path) -> str:
@@ -98,8 +123,10 @@ class Faults:
     """Drives the faults from a thread; `log` lists what was done when."""
 
     def __init__(self, work: Path, port: int, agent: subprocess.Popen[bytes],
-                 broker: subprocess.Popen[bytes], seed: int, every_s: float) -> None:
+                 broker: subprocess.Popen[bytes], seed: int, every_s: float,
+                 rtsp: Rtsp | None = None) -> None:
         self.work, self.port, self.agent, self.broker = work, port, agent, broker
+        self.rtsp = rtsp
         self.rng = random.Random(seed)
         self.every_s = every_s
         self.log: list[tuple[float, str]] = []
@@ -121,7 +148,10 @@ class Faults:
 
     def _run(self) -> None:
         while not self.stop.wait(self.every_s * self.rng.uniform(0.5, 1.5)):
-            kind = self.rng.choice(["stop", "kill", "hup", "refuse"])
+            kinds = ["stop", "kill", "hup", "refuse"]
+            if self.rtsp:
+                kinds += ["rtsp-restart", "rtsp-hang", "rtsp-resize"]
+            kind = self.rng.choice(kinds)
             self.log.append((time.monotonic() - self._t0, kind))
             if kind == "stop":
                 self._restart_broker(signal.SIGTERM, self.rng.uniform(1, 5))
@@ -130,10 +160,28 @@ class Faults:
             elif kind == "hup":
                 for _ in range(self.rng.randint(20, 200)):
                     self.agent.send_signal(signal.SIGHUP)
+            elif self.rtsp and kind.startswith("rtsp"):
+                self._rtsp_fault(self.rtsp, kind)
             else:
                 self._restart_broker(signal.SIGTERM, 0.2, f"acl_file {self.acl}\n")
                 self.stop.wait(self.rng.uniform(2, 6))
                 self._restart_broker(signal.SIGTERM, 0.2)
+
+    def _rtsp_fault(self, rtsp: Rtsp, kind: str) -> None:
+        if kind == "rtsp-restart":
+            rtsp.stop(self.rng.choice([signal.SIGTERM, signal.SIGKILL]))
+            self.stop.wait(self.rng.uniform(1, 4))
+            rtsp.start()
+        elif kind == "rtsp-hang" and rtsp.proc:
+            rtsp.proc.send_signal(signal.SIGSTOP)
+            self.stop.wait(self.rng.uniform(2, 8))
+            rtsp.proc.send_signal(signal.SIGCONT)
+        else:
+            rtsp.stop()
+            rtsp.start("--width", "480", "--height", "360")
+            self.stop.wait(self.rng.uniform(3, 6))
+            rtsp.stop()
+            rtsp.start()
 
     def close(self) -> subprocess.Popen[bytes]:
         self.stop.set()
@@ -179,7 +227,7 @@ def _report_faults(watcher: Watcher, spool: Path, samples: list[tuple[float, int
     dropped = int(watcher.state.get("spool_dropped", 0))
     lost = max(0, missing - dropped)
     warm = [(t, th, fd) for t, th, fd in samples if t >= warmup_s] or samples
-    kinds = {k: sum(1 for _, x in faults.log if x == k) for k in ("stop", "kill", "hup", "refuse")}
+    kinds = {k: sum(1 for _, x in faults.log if x == k) for k in sorted({x for _, x in faults.log})}
     print(f"faults: {kinds}")
     print(f"events produced {len(produced)} (spool ids {len(by_id)}), received after dedupe "
           f"{len(received)} ({watcher.events} with repeats), still in the spool {len(left)}, "
@@ -202,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faults", action="store_true", help="flap the broker, SIGHUP, refusals")
     p.add_argument("--fault-every", type=float, default=8.0, help="seconds between faults")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rtsp", action="store_true", help="the clip over RTSP, with stream faults")
     args = p.parse_args(argv)
     if args.minutes - args.warmup < (0.5 if args.faults else 2):
         p.error("--minutes must exceed --warmup by at least 2 (0.5 with --faults)")
@@ -211,12 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     clip = args.clip
     if clip is None:
         scn = scenario.plan(base / "data" / "faces", people=args.people, seed=11)
-        clip = str(scenario.render(scn, base / "data" / "faces", work / "soak.mp4"))
+        clip = str(scenario.render(scn, base / "data" / "faces", work / "soak.mp4",
+                                   h264=args.rtsp))  # RTSP carries H.264 only
     port = free_port()
     broker = start_mosquitto(work, port, persist(work) if args.faults else "")
+    rtsp = Rtsp(free_port(), clip) if args.rtsp else None
+    if rtsp:
+        rtsp.start()
     cfg = {
         "device_id": "soak", "camera": "loop",
-        "source": {"uri": clip, "loop": True, "realtime": True},
+        "source": ({"uri": rtsp.url, "reconnect_max_s": 1.0} if rtsp else
+                   {"uri": clip, "loop": True, "realtime": True}),
         "models": {"dir": str(base / "models")},
         "mqtt": {"port": port, "state_interval_s": 5, "reconnect_max_s": 2.0,
                  "protocol": "5" if args.faults else "3.1.1"},
@@ -229,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                               str(work / "agent.yaml")], stderr=log)
     samples: list[tuple[float, float]] = []
     counts: list[tuple[float, int, int]] = []
-    faults = Faults(work, port, agent, broker, args.seed, args.fault_every)
+    faults = Faults(work, port, agent, broker, args.seed, args.fault_every, rtsp)
     t0 = time.monotonic()
     print(f"soak: {args.minutes:g} min on {clip} (warm-up {args.warmup:g} min), pid {agent.pid}")
     print(" min   rss mean   rss max   events   fps")
@@ -261,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         watcher.close()
         broker.terminate()
         broker.wait(5)
+        if rtsp:
+            rtsp.stop()
 
     faults_ok = True
     if args.faults:

@@ -262,7 +262,7 @@ def _show(raw: Any) -> str:
     if isinstance(raw, list):
         return "a list"
     if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > 10**30:
-        return f"an integer of {len(str(abs(raw)))} digits"
+        return f"an integer of about {int(raw.bit_length() * math.log10(2)) + 1} digits"
     return _clip(repr(raw))
 
 

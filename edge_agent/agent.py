@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 
-from edge_agent import config, metrics, models, mqtt, service
+from edge_agent import config, metrics, models, redact, service
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
 from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 READ_TIMEOUT_S = 0.5  # how long the loop waits for a frame before it looks after health anyway
 SHED_FACTOR = 3  # under memory pressure the detector runs this many times less often
 STOP_DRAIN_S = 3.0  # a stop asked for (signal, memory ceiling) waits this long for acks at most
+STOP_PUBLISHER_S = 1.0  # then `offline` and the disconnect get this long at most
+EXIT_FAULT = 74  # a fault a restart may cure (docs/operations.md); the unit restarts on it
+MAX_NETWORK_RESTARTS = 5  # paho's network thread died this often in a row: exit EXIT_FAULT
 
 
 class Pipeline:
@@ -202,18 +205,49 @@ class Agent:
         self.source = _open_source(cfg.source)
         cleanup.callback(lambda: self.source.close())
         self.spool = Spool(cfg.spool)
-        cleanup.callback(self.spool.close)
+        cleanup.callback(self._close_spool)
         self.publisher = Publisher(cfg.mqtt, topic_base(cfg), self.spool)
-        cleanup.callback(lambda: self.publisher.stop())
+        cleanup.callback(lambda: self.publisher.stop(STOP_PUBLISHER_S))
         self.totals = DailyTotals(self.spool, self._publish_counts)
         self.pipe = Pipeline(cfg, self.publish, str(self.spool.new_run()), self.totals)
         self.totals.publish()
         self.publisher.set_discovery_lines([ln.name for ln in cfg.count.lines])
         self.memory = MemoryGuard(cfg.memory)
         self.metrics = metrics.Textfile(cfg.metrics.textfile) if cfg.metrics.textfile else None
+        self.network_restarts = 0  # in a row, without a connect in between
 
     def _publish_counts(self, payload: str) -> None:
         self.publisher.publish_counts(payload)
+
+    def _close_spool(self) -> None:
+        lost = self.spool.close()
+        if lost:
+            log.error("%d events held in memory could not be stored (disk still failing) and "
+                      "are lost with this process", lost, extra={"ERROR_KIND": "spool"})
+
+    def check_network(self) -> bool:
+        """paho's network thread can die on an exception of its own and then never reconnects:
+        notice it, log it, start a new publisher. False after MAX_NETWORK_RESTARTS in a row."""
+        if self.publisher.network_alive():
+            if self.publisher.connected:
+                self.network_restarts = 0
+            return True
+        self.network_restarts += 1
+        log.error("mqtt network thread died (%d in a row); starting a new connection",
+                  self.network_restarts, extra={"ERROR_KIND": "mqtt"})
+        if self.network_restarts > MAX_NETWORK_RESTARTS:
+            return False
+        try:
+            fresh = Publisher(self.cfg.mqtt, topic_base(self.cfg), self.spool, start=False)
+        except ConfigError as e:  # e.g. the password file went away: try again next time
+            log.error("mqtt: cannot start a new connection: %s", e, extra={"ERROR_KIND": "mqtt"})
+            return True
+        fresh.set_discovery_lines([ln.name for ln in self.cfg.count.lines])
+        self.publisher.stop(STOP_PUBLISHER_S)
+        self.publisher = fresh
+        fresh.start()
+        self.totals.publish()
+        return True
 
     def publish(self, event: dict[str, Any]) -> None:
         seq = self.publisher.publish_event(event)
@@ -232,7 +266,10 @@ class Agent:
             self.metrics.write(state, self.cfg.device_id, self.cfg.camera)
 
     def status(self) -> str:
-        return service.status_line(self.snapshot())
+        line = service.status_line(self.snapshot())
+        if self.spool.fault:
+            line += " (in memory: the disk fails)"
+        return redact.redact(line)  # systemctl status is pasted into support threads
 
     def reload(self, path: str | None) -> None:
         """Apply the configuration now in `path`; if it is invalid, keep running as before."""
@@ -240,7 +277,7 @@ class Agent:
             return
         try:
             applied = self._apply(config.load(path))
-        except (ConfigError, models.ModelError, OSError, cv2.error) as e:
+        except Exception as e:  # whatever failed, the running configuration carries on
             log.error("reload of %s failed, keeping the running configuration: %s", path, e,
                       extra={"ERROR_KIND": "config"})
             return
@@ -290,17 +327,13 @@ class Agent:
         return sorted(changed)
 
     def _replace_publisher(self, new: Config) -> None:
-        """Old one first (it says `offline`), so two clients never share one client id; the new
-        one's local files (password, TLS) are checked before the old one goes."""
-        mqtt.password(new.mqtt)
-        if new.mqtt.tls:
-            mqtt.tls_context(new.mqtt)
-        self.publisher.stop()
-        try:
-            self.publisher = Publisher(new.mqtt, topic_base(new), self.spool)
-        except ConfigError:
-            self.publisher = Publisher(self.cfg.mqtt, topic_base(self.cfg), self.spool)
-            raise
+        """The new one is built (password, TLS files, client) while the old one runs; the old
+        one then stops (it says `offline`) before the new one connects, so two clients never
+        share one client id."""
+        fresh = Publisher(new.mqtt, topic_base(new), self.spool, start=False)
+        self.publisher.stop(STOP_PUBLISHER_S)
+        self.publisher = fresh
+        fresh.start()
 
 
 # What a reload does with each changed key: applied in place, pipeline rebuilt (open tracks
@@ -332,8 +365,9 @@ def _changed_keys(old: Config, new: Config) -> set[str]:
 
 def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: threading.Event,
           config_path: str | None) -> int:
-    log.info("running: source=%s detect every %d frames, broker %s:%d", agent.cfg.source.uri,
-             agent.cfg.detect.every_n_frames, agent.cfg.mqtt.host, agent.cfg.mqtt.port)
+    log.info("running: source=%s detect every %d frames, broker %s:%d, spool %s",
+             redact.redact(agent.cfg.source.uri), agent.cfg.detect.every_n_frames,
+             agent.cfg.mqtt.host, agent.cfg.mqtt.port, agent.spool.spool_id)
     code = 0
     next_state = 0.0
     while not stop.is_set():
@@ -356,6 +390,12 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
                 agent.memory.exits.record(pipe.stats.uptime(), agent.memory.rss_mb)
             break
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
+        agent.spool.maintain()
+        if not agent.check_network():
+            log.error("mqtt network thread keeps dying; exiting with %d to be restarted",
+                      EXIT_FAULT, extra={"ERROR_KIND": "mqtt"})
+            code = EXIT_FAULT
+            break
         if now >= next_state:
             next_state = now + cfg.mqtt.state_interval_s
             agent.publish_state()
@@ -365,15 +405,22 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
             svc.reloading()
             agent.reload(config_path)
             svc.ready(agent.status())
-    svc.stopping("memory ceiling reached, exiting to be restarted" if code else "stopping")
+    svc.stopping({EXIT_MEMORY_CEILING: "memory ceiling reached, exiting to be restarted",
+                  EXIT_FAULT: "the MQTT connection keeps failing, exiting to be restarted"}
+                 .get(code, "stopping"))
     agent.pipe.finish()
     agent.publish_state()
     drain = agent.cfg.mqtt.drain_timeout_s
     if code or stop.is_set():
         drain = min(drain, STOP_DRAIN_S)
     if not agent.publisher.drain(drain):
-        log.warning("%d events not yet acknowledged; kept in the spool for the next start",
-                    agent.spool.depth())
+        spool = agent.spool
+        log.warning("%d events not yet acknowledged; kept in the spool for the next start "
+                    "(%d of them in memory, saved now if the disk takes them)",
+                    spool.depth(), spool.in_memory())
+    if agent.spool.refused():
+        log.warning("%d events refused by the broker; kept in the spool, retried at the next "
+                    "start", agent.spool.refused())
     return code
 
 
@@ -405,6 +452,12 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "source_error": source.last_error,
         "spool_depth": spool.depth(),
         "spool_dropped": spool.dropped(),
+        "spool_id": spool.spool_id,
+        "spool": "memory" if spool.fault else "disk",
+        "spool_fault": spool.fault or None,
+        "spool_in_memory": spool.in_memory(),
+        "events_refused": spool.refused(),
+        "mqtt_ignored": publisher.ignored,
         "events_lost": pipe.lost_events,
         "broker": "connected" if publisher.connected else "disconnected",
         "reconnects": publisher.reconnects,

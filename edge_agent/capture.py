@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
 
 from edge_agent.config import SourceConfig
+from edge_agent.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class _LiveSource:
 
     def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         self.cfg = cfg
-        self.uri = _redact(cfg.uri)
+        self.uri = redact(cfg.uri)
         self.reconnects = 0  # times the stream was lost after it had delivered frames
         self.last_error: str | None = None
         self._state = "connecting"
@@ -463,15 +464,6 @@ def log_size(name: str, width: int, height: int, max_width: int | None) -> None:
         log.warning("%s: source sends %dx%d at full size (source.max_width is off): this needs "
                     "much memory and CPU; use the camera's sub-stream, set source.max_width "
                     "(e.g. 1280), or raise memory.ceiling_mb", name, width, height)
-
-
-def _redact(uri: str) -> str:
-    """The uri without its password, for logs and health reports."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    userinfo, _, host = parts.netloc.rpartition("@")
-    return urlunsplit(parts._replace(netloc=f"{userinfo.split(':')[0]}:***@{host}"))
 
 
 def _kind(error: str) -> str:

@@ -6,13 +6,14 @@ import argparse
 import faulthandler
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from edge_agent import __version__, config, models
+from edge_agent import __version__, config, models, redact
 
 EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except config.ConfigError as e:
-        print(f"edge-agent: invalid configuration: {e}", file=sys.stderr)
+        print(f"edge-agent: invalid configuration: {redact.redact(str(e))}", file=sys.stderr)
         return EXIT_CONFIG
     except models.ModelError as e:
         print(f"edge-agent: {e}", file=sys.stderr)
@@ -91,12 +92,69 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     service.setup_logging(cfg.log_level, {"DEVICE": cfg.device_id, "CAMERA": cfg.camera})
+    redact.install()
     faulthandler.enable()
     stop, reload = threading.Event(), threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    return agent.run(cfg, stop, reload, args.config)
+    with SignalRelay(stop, reload):
+        return agent.run(cfg, stop, reload, args.config)
+
+
+class SignalRelay:
+    """Signals in, Events out, with nothing but async-signal-safe work in between.
+
+    A handler that calls ``Event.set()`` takes the Event's lock; a signal arriving while the
+    main thread holds that lock (in ``clear()`` or ``wait()``) deadlocked the agent under a SIGHUP
+    storm. Here the C-level handler writes the signal number to a non-blocking pipe
+    (``signal.set_wakeup_fd``), the Python-level handler only sets a flag, and a thread reads the
+    pipe and sets the Events. A full pipe can drop bytes, never the flags: SIGTERM is not lost.
+    """
+
+    def __init__(self, stop: threading.Event, reload: threading.Event) -> None:
+        self._stop, self._reload = stop, reload
+        self._term = self._hup = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._closed = False
+        self._old_fd = -1
+        self._thread = threading.Thread(target=self._relay, name="signals", daemon=True)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self._term = True
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._hup = True
+
+    def __enter__(self) -> SignalRelay:
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        self._thread.start()
+        return self
+
+    def _relay(self) -> None:
+        while True:
+            try:
+                data = os.read(self._r, 512)
+            except OSError:
+                return
+            if self._closed or not data:
+                return
+            signums = set(data)
+            if self._term or signal.SIGTERM in signums or signal.SIGINT in signums:
+                self._stop.set()
+            if self._hup or signal.SIGHUP in signums:
+                self._hup = False
+                self._reload.set()
+
+    def __exit__(self, *exc: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # stopping already: a late one must not kill it
+        signal.set_wakeup_fd(self._old_fd)
+        self._closed = True
+        os.close(self._w)  # the relay thread reads EOF and ends
+        self._thread.join(1.0)
+        os.close(self._r)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -106,9 +164,9 @@ def _check_config(args: argparse.Namespace) -> int:
     mqtt.password(cfg.mqtt)  # local files only: a missing or world-readable one is an error now
     if cfg.mqtt.tls:
         mqtt.tls_context(cfg.mqtt)
-    print(f"{args.config}: ok (device {cfg.device_id}, camera {cfg.camera}, "
-          f"source {cfg.source.uri}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
-          f"topics {config.topic_base(cfg)}/...)")
+    print(redact.redact(f"{args.config}: ok (device {cfg.device_id}, camera {cfg.camera}, "
+                        f"source {cfg.source.uri}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+                        f"topics {config.topic_base(cfg)}/...)"))
     return EXIT_OK
 
 

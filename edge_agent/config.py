@@ -21,6 +21,8 @@ from typing import Any, cast
 
 import yaml
 
+from edge_agent import redact
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message starts with the key path."""
@@ -86,7 +88,7 @@ class MqttConfig:
     topic_prefix: str = "edge-agent"
     client_id: str = ""
     protocol: str = _opt("3.1.1", choices=("3.1.1", "5"))
-    keepalive_s: int = _opt(30, min=5)
+    keepalive_s: int = _opt(30, min=5, max=65535)  # MQTT's Keep Alive is a 16-bit field
     username: str | None = None
     password_file: str | None = None
     password_credential: str = "mqtt-password"
@@ -160,20 +162,41 @@ class Config:
 
 
 _TOPIC_LEVEL_FORBIDDEN = set("#+/\0")
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few KB; more is a mistake or an attack
+MAX_NAME_BYTES = 128  # device_id, camera: they end up in topics, client ids, track ids
+MAX_PREFIX_BYTES = 512  # topic prefixes; any topic then stays far below MQTT's 65535 bytes
+MAX_SHOWN = 80  # characters of an offending value quoted in an error message
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML file; relative paths in it resolve against the file's folder."""
+    """Read and validate a YAML file; relative paths in it resolve against the file's folder.
+    Whatever the file holds, the only exception is ConfigError (naming the key or the file)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{p}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES} bytes; not a configuration")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
+        raise ConfigError(f"{p}: not valid YAML: {_clip(str(e))}") from None
+    except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as e:
+        raise ConfigError(f"{p}: not valid YAML: {type(e).__name__}") from None
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        redact.remember_uri(data["source"].get("uri"))
+    try:
+        return from_dict(data if data is not None else {}, base_dir=p.resolve().parent)
+    except ConfigError:
+        raise
+    except (RecursionError, ValueError, TypeError, OverflowError, OSError) as e:
+        raise ConfigError(f"{p}: unusable content: {_clip(str(e))}") from None
 
 
 def from_dict(data: Any, base_dir: Path | None = None) -> Config:
@@ -191,7 +214,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
+            name = key if isinstance(key, str) and key.strip() == key and key else repr(key)
+            raise ConfigError(f"{prefix}{_clip(name)}: unknown key (known here: {known})")
     values: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in data:
@@ -245,7 +269,13 @@ def _convert(hint: Any, raw: Any, path: str, meta: typing.Mapping[str, Any]) -> 
         or (base is float and isinstance(raw, int | float) and not isinstance(raw, bool))
         or (base is str and isinstance(raw, str))
     )
-    value = float(raw) if ok and base is float else raw
+    value: Any = raw
+    try:
+        value = float(raw) if ok and base is float else raw
+    except OverflowError:  # an integer with hundreds of digits
+        ok, value = False, raw
+    if ok and base is str and ("\0" in value or not _utf8(value)):
+        ok = False
     if ok and base is float and not math.isfinite(value):
         ok = False
     if ok and "min" in meta and value < meta["min"]:
@@ -286,7 +316,21 @@ def _show(raw: Any) -> str:
         return "a mapping"
     if isinstance(raw, list):
         return "a list"
-    return repr(raw)
+    if isinstance(raw, int) and not isinstance(raw, bool) and abs(raw) > 10**30:
+        return f"an integer of about {int(raw.bit_length() * math.log10(2)) + 1} digits"
+    return _clip(repr(raw))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text)} characters)"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which YAML's escapes can make
+        return False
+    return True
 
 
 def _apply_env(cfg: Config) -> Config:
@@ -315,13 +359,15 @@ def _int_or_str(s: str) -> int | str:
 def _check_semantics(cfg: Config) -> None:
     if not cfg.source.uri:
         raise ConfigError("source.uri: expected a device, stream URL or file path, got nothing")
-    if not cfg.device_id or _TOPIC_LEVEL_FORBIDDEN & set(cfg.device_id):
+    if (not cfg.device_id or _TOPIC_LEVEL_FORBIDDEN & set(cfg.device_id)
+            or not _utf8(cfg.device_id)):
         raise ConfigError(f"device_id: expected a non-empty name without '#', '+', '/', "
-                          f"got {cfg.device_id!r}")
+                          f"got {_show(cfg.device_id)}")
+    _check_lengths(cfg)
     prefix = cfg.mqtt.topic_prefix
     if not prefix or prefix.startswith("/") or prefix.endswith("/") or set("#+\0") & set(prefix):
         raise ConfigError(f"mqtt.topic_prefix: expected topic levels without '#', '+' or a "
-                          f"leading or trailing '/', got {prefix!r}")
+                          f"leading or trailing '/', got {_show(prefix)}")
     _check_mqtt(cfg.mqtt)
     if not cfg.camera:
         raise ConfigError("camera: expected a non-empty label, got ''")
@@ -356,12 +402,30 @@ def _check_lines(c: CountConfig) -> None:
                               f"got {list(line.b)}")
 
 
+def _check_lengths(cfg: Config) -> None:
+    """What MQTT and the topics allow: a 70,000-character device_id passed every other check and
+    then killed paho's network thread at the first publish."""
+    for key, value, limit in (("device_id", cfg.device_id, MAX_NAME_BYTES),
+                              ("camera", cfg.camera, MAX_NAME_BYTES),
+                              ("mqtt.client_id", cfg.mqtt.client_id, MAX_NAME_BYTES * 2),
+                              ("mqtt.topic_prefix", cfg.mqtt.topic_prefix, MAX_PREFIX_BYTES),
+                              ("mqtt.discovery_prefix", cfg.mqtt.discovery_prefix,
+                               MAX_PREFIX_BYTES),
+                              ("mqtt.host", cfg.mqtt.host, 253),
+                              ("mqtt.username", cfg.mqtt.username or "", 1024)):
+        size = len(value.encode("utf-8", "replace"))
+        if size > limit:
+            raise ConfigError(f"{key}: expected at most {limit} bytes, got {size}")
+
+
 def _check_mqtt(m: MqttConfig) -> None:
     """Combinations the per-key checks cannot see."""
+    if not m.host or m.host != m.host.strip() or set(m.host) & set(" /\t\n\r"):
+        raise ConfigError(f"mqtt.host: expected a host name or address, got {_show(m.host)}")
     p = m.discovery_prefix
     if not p or p.startswith("/") or p.endswith("/") or set("#+\0") & set(p):
         raise ConfigError(f"mqtt.discovery_prefix: expected topic levels without '#', '+' or a "
-                          f"leading or trailing '/', got {p!r}")
+                          f"leading or trailing '/', got {_show(p)}")
     if m.password_credential in ("", ".", "..") or "/" in m.password_credential:
         raise ConfigError(f"mqtt.password_credential: expected a credential (file) name, "
                           f"got {m.password_credential!r}")

@@ -11,10 +11,12 @@ a systemd credential or the environment, never from the YAML. The agent only con
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
+import socket
 import ssl
 import stat
 import sys
@@ -25,8 +27,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-from edge_agent import discovery
+from edge_agent import discovery, redact
 from edge_agent.config import ConfigError, MqttConfig
 from edge_agent.spool import Spool
 
@@ -36,6 +40,9 @@ PASSWORD_ENV = "EDGE_AGENT_MQTT_PASSWORD"
 CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 _RESERVE = 8  # paho queue slots that events may not take: status and state must still fit
 _AUTH_REFUSALS = {134, 135}  # bad user name or password, not authorized
+CONNACK_TIMEOUT_S = 10.0  # a broker that accepts TCP but never answers CONNECT: give up then
+MAX_INCOMING_BYTES = 16 * 1024  # MQTT 5 Maximum Packet Size: all we subscribe to is tiny
+MAX_HA_STATUS_BYTES = 16  # `online` / `offline`
 
 
 def _compact(obj: Any) -> str:
@@ -65,7 +72,14 @@ def _read_secret(path: Path | str, key: str) -> str:
 def password(cfg: MqttConfig) -> tuple[str | None, str]:
     """The broker password and where it came from: ``mqtt.password_file``, else the systemd
     credential ``$CREDENTIALS_DIRECTORY/{mqtt.password_credential}``, else the environment
-    variable. Never the YAML, which is often world-readable or kept in version control."""
+    variable. Never the YAML, which is often world-readable or kept in version control.
+    Whatever is found is remembered by edge_agent.redact, so no output shows it."""
+    secret, source = _password(cfg)
+    redact.remember(secret)
+    return secret, source
+
+
+def _password(cfg: MqttConfig) -> tuple[str | None, str]:
     if cfg.password_file:
         _private(cfg.password_file, "mqtt.password_file")
         return _read_secret(cfg.password_file, "mqtt.password_file"), "mqtt.password_file"
@@ -113,7 +127,7 @@ class Publisher:
     """
 
     def __init__(self, cfg: MqttConfig, base_topic: str, spool: Spool,
-                 device_id: str | None = None) -> None:
+                 device_id: str | None = None, start: bool = True) -> None:
         self._cfg = cfg
         self._spool = spool
         self._t_events = f"{base_topic}/events"
@@ -133,6 +147,7 @@ class Publisher:
         self._queue_max = 2 * self._window + _RESERVE
         self._inflight: dict[int, int] = {}  # sender thread only
         self._cursor = 0  # highest seq sent in the current session
+        self._generation = spool.generation  # the spool's keys moved when this changes
         self._acks: queue.SimpleQueue[tuple[int, bool]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._count_lock = threading.Lock()
@@ -142,6 +157,10 @@ class Publisher:
         self._stopping = False
         self._reconnects = 0
         self._warned_rejects = False
+        self._ignored = 0  # messages received and ignored (oversized, not `online`/`offline`)
+        self._socket_opened = 0.0  # monotonic time of the last TCP connect without CONNACK yet
+        self._net: threading.Thread | None = None
+        self._started = False
 
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -170,11 +189,27 @@ class Publisher:
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
+        c.on_socket_open = self._on_socket_open
         self._client = c
         self._sender = threading.Thread(target=self._run, name="mqtt-sender", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Connect and send. Built first, started second: a reload checks the new publisher
+        fully while the old one still runs."""
+        if self._started:
+            return
+        self._started = True
+        props = None
+        if self._cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.MaximumPacketSize = MAX_INCOMING_BYTES  # the broker drops larger ones for us
         self._sender.start()
-        c.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
-        c.loop_start()
+        self._client.connect_async(self._cfg.host, self._cfg.port,
+                                   keepalive=self._cfg.keepalive_s, properties=props)
+        self._client.loop_start()
+        self._net = self._client._thread  # paho keeps no other handle on its network thread
 
     @property
     def connected(self) -> bool:
@@ -189,6 +224,17 @@ class Publisher:
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def ignored(self) -> int:
+        """Messages from the broker that were ignored: oversized, binary, unexpected."""
+        return self._ignored
+
+    def network_alive(self) -> bool:
+        """False once paho's network thread has died without a stop (it then never reconnects:
+        an exception inside paho ends it silently)."""
+        return (not self._started or self._stopping
+                or (self._net is not None and self._net.is_alive()))
+
     def publish_event(self, event: dict[str, Any]) -> int:
         """Spool `event` and wake the sender; returns its ``seq``. Disk only, no network wait."""
         seq = self._spool.append(event)
@@ -198,7 +244,7 @@ class Publisher:
     def publish_state(self, state: dict[str, Any]) -> None:
         """Retained snapshot; dropped while offline since a newer one will follow."""
         if self._connected and self._outstanding < self._queue_max - _RESERVE // 2:
-            self._send(self._t_state, _compact(state), retain=True)
+            self._send(self._t_state, redact.redact(_compact(state)), retain=True)
 
     def set_discovery_lines(self, lines: list[str]) -> None:
         """Announce sensors for these counting lines too (sent again now)."""
@@ -226,18 +272,24 @@ class Publisher:
         return True
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Announce ``offline``, disconnect cleanly; unacknowledged events stay spooled."""
+        """Announce ``offline``, disconnect cleanly; unacknowledged events stay spooled. Takes
+        at most about `timeout` seconds in all, whatever the network does."""
         if self._stopping:
             return
         self._stopping = True
+        deadline = time.monotonic() + timeout
         self._wake.set()
-        self._sender.join(timeout)
+        if self._started:
+            self._sender.join(timeout / 2)
         if self._connected:
             info = self._send(self._t_status, "offline", retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                info.wait_for_publish(timeout)
+                with contextlib.suppress(RuntimeError):  # paho gave up: the connection is gone
+                    info.wait_for_publish(max(0.05, deadline - time.monotonic()))
         self._client.disconnect()
-        self._client.loop_stop()
+        closer = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
+        closer.start()  # loop_stop joins paho's thread, which may sit in a TCP connect
+        closer.join(max(0.05, deadline - time.monotonic()))
         if not self._sender.is_alive():
             self._apply_acks()
 
@@ -256,6 +308,7 @@ class Publisher:
             self._wake.wait(1.0)
             self._wake.clear()
             try:
+                self._check_connack()
                 session = self._pump(session)
             except Exception:
                 log.exception("mqtt sender failed; retrying in 1 s")
@@ -265,9 +318,15 @@ class Publisher:
         """Apply acks, then fill the window from the spool, oldest first."""
         self._apply_acks()
         current = self._session
-        if current != session:
+        if current != session or self._generation != self._spool.generation:
+            # a new session, or the spool went from memory back to disk: start from the oldest
+            self._generation = self._spool.generation
             self._inflight.clear()
             self._cursor = 0
+        if current != session:
+            back = self._spool.requeue_refused()
+            if back:
+                log.info("mqtt: retrying %d events the broker refused before", back)
         if not self._connected or self._stopping or not self._send_discovery():
             return current
         room = min(self._window - len(self._inflight),
@@ -298,7 +357,8 @@ class Publisher:
 
     def _apply_acks(self) -> None:
         done: list[int] = []
-        while len(done) < 10 * self._window:
+        refused: list[int] = []
+        while len(done) + len(refused) < 10 * self._window:
             try:
                 mid, failed = self._acks.get_nowait()
             except queue.Empty:
@@ -306,17 +366,41 @@ class Publisher:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 continue
-            if failed and not self._warned_rejects:
-                self._warned_rejects = True
-                log.warning("mqtt broker rejected event seq %d; not retried", seq)
-            done.append(seq)
+            if failed:
+                if not self._warned_rejects:
+                    self._warned_rejects = True
+                    log.warning("mqtt broker refused event seq %d (not authorized?); kept "
+                                "with the refused events, retried at the next connect", seq)
+                refused.append(seq)
+            else:
+                done.append(seq)
+        if refused:
+            self._spool.refuse_many(refused)
         if done:
             self._spool.ack_many(done)
-            if not self._acks.empty():
-                self._wake.set()
+        if (done or refused) and not self._acks.empty():
+            self._wake.set()
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._socket_opened = time.monotonic()
+
+    def _check_connack(self) -> None:
+        """A broker that accepts TCP but never answers: paho would wait for the keep-alive,
+        silently. Say so, and close the socket: paho then backs off and retries as usual."""
+        opened = self._socket_opened
+        if self._connected or not opened or time.monotonic() - opened < CONNACK_TIMEOUT_S:
+            return
+        self._socket_opened = 0.0
+        log.warning("mqtt %s:%d: connected but no CONNACK within %.0f s; retrying in %.1f s",
+                    self._cfg.host, self._cfg.port, CONNACK_TIMEOUT_S, self._next_delay())
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
+        self._socket_opened = 0.0  # a CONNACK came, whatever it says
         if reason.is_failure:
             hint = (" (check mqtt.username and the password)"
                     if reason.value in _AUTH_REFUSALS else "")
@@ -356,17 +440,29 @@ class Publisher:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         """Home Assistant (re)started: resend discovery. A retained ``online`` is only the
         broker replaying it on our subscribe, already covered by the connect."""
-        if msg.topic == self._t_ha_status and msg.payload == b"online" and not msg.retain:
+        payload = msg.payload
+        if (msg.topic != self._t_ha_status or len(payload) > MAX_HA_STATUS_BYTES
+                or payload not in (b"online", b"offline")):
+            self._ignored += 1
+            if self._ignored in (1, 10) or self._ignored % 1000 == 0:
+                log.warning("mqtt: ignored %d unexpected messages so far (last: %d bytes on %s)",
+                            self._ignored, len(payload), msg.topic[:100])
+            return
+        if payload == b"online" and not msg.retain:
             self._discovery_asked += 1
             self._wake.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:
         was, self._connected = self._connected, False
+        opened, self._socket_opened = self._socket_opened, 0.0
         if was and not self._stopping:
             log.warning("mqtt connection to %s:%d lost: %s; reconnecting in %.1f s",
                         self._cfg.host, self._cfg.port, reason, self._cfg.reconnect_min_s)
             self._failures = 1  # paho waits reconnect_min_s before its first attempt
+        elif opened and not self._stopping:
+            log.warning("mqtt %s:%d closed before CONNACK: %s; retrying in %.1f s",
+                        self._cfg.host, self._cfg.port, reason, self._next_delay())
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
+from edge_agent import spool as spool_mod
 from edge_agent.config import ConfigError, SpoolConfig
 from edge_agent.spool import Spool, SpoolError
 
@@ -22,6 +27,7 @@ def test_seq_starts_at_1_without_gaps_and_is_stored_compact(tmp_path: Path) -> N
     rows = s.pending(0, 10)
     assert [seq for seq, _ in rows] == [1, 2, 3, 4, 5]
     assert rows[0][1] == f'{{"type":"new","n":0,"spool_id":"{s.spool_id}","seq":1}}'
+    assert len(s.spool_id) == 16
     assert s.pending(3, 10) == rows[3:] and s.pending(0, 2) == rows[:2]
     assert s.depth() == 5 and s.dropped() == 0
     s.close()
@@ -220,15 +226,114 @@ def test_unusable_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(SpoolError, match=r"^spool\.path: cannot open .*file/spool\.db"):
         Spool(SpoolConfig(path=str(tmp_path / "file" / "spool.db")))
-    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
-    with pytest.raises(ConfigError, match=r"^spool\.path: cannot use .*junk\.db"):
-        Spool(SpoolConfig(path=str(tmp_path / "junk.db")))
+    assert issubclass(SpoolError, ConfigError)
+
+
+# --- faults: a second process, corruption, deletion, refusals ------------------------------
+
+
+def test_a_second_process_on_one_spool_is_refused(tmp_path: Path) -> None:
+    """Two real processes: the first holds the spool, the second gets a clear SpoolError."""
+    path = tmp_path / "spool.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\nfrom edge_agent.config import SpoolConfig\n"
+         "from edge_agent.spool import Spool\n"
+         f"s = Spool(SpoolConfig(path={str(path)!r}))\nprint('open', flush=True)\n"
+         "sys.stdin.read()\ns.close()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        with pytest.raises(SpoolError, match=rf"in use by another edge-agent process "
+                                             rf"\(pid {holder.pid}\)"):
+            Spool(SpoolConfig(path=str(path)))
+    finally:
+        holder.communicate("", timeout=10)
+    Spool(SpoolConfig(path=str(path))).close()  # free again once the holder is gone
+
+
+def test_corrupt_spool_is_put_aside_and_a_new_one_started(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "spool.db"
+    junk = os.urandom(8192)
+    path.write_bytes(junk)
+    s = Spool(SpoolConfig(path=str(path)))
+    assert s.append({"a": 1}) == 1 and s.depth() == 1
+    aside = list(tmp_path.glob("spool.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == junk
+    assert "was corrupt" in caplog.text and s.spool_id in caplog.text
+    s.close()
+
+
+def test_deleted_spool_is_noticed_and_a_new_spool_id_carries_the_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_mod, "IDENTITY_CHECK_S", 0.0)
+    path = tmp_path / "spool.db"
+    s = Spool(SpoolConfig(path=str(path)))
+    for i in range(3):
+        s.append({"i": i})
+    s.ack(1)
+    old_id = s.spool_id
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    s.maintain()
+    assert s.spool_id != old_id and path.exists()
+    assert [q for q, _ in s.pending(0, 10)] == [2, 3] and s.depth() == 2
+    assert s.append({"i": 3}) == 4
+    assert json.loads(s.pending(3, 1)[0][1])["spool_id"] == s.spool_id
+    s.close()
+    s = Spool(SpoolConfig(path=str(path)))
+    assert s.depth() == 3 and s.append({}) == 5
+    s.close()
+
+
+def test_refused_events_are_kept_counted_and_requeued(tmp_path: Path) -> None:
+    s = open_spool(tmp_path)
+    for i in range(5):
+        s.append({"i": i})
+    s.refuse_many([2, 4])
+    s.ack_many([1])
+    assert s.refused() == 2 and s.depth() == 2 and seqs(s) == [3, 5]
+    assert s.requeue_refused() == 2
+    assert s.refused() == 0 and s.depth() == 4 and seqs(s) == [2, 3, 4, 5]
+    assert s.append({}) == 6
+    s.close()
+
+
+def test_full_disk_goes_to_memory_then_back(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool whose writes fail (here: the file made read-only under the open connection is
+    not enough for SQLite, so the connection is swapped for one that cannot write)."""
+    monkeypatch.setattr(spool_mod, "RETRY_DISK_S", 0.0)
+    s = open_spool(tmp_path)
+    s.append({"i": 0})
+    good = s._db
+    ro = sqlite3.connect(f"file:{tmp_path / 'sub' / 'spool.db'}?mode=ro", uri=True,
+                         isolation_level=None, check_same_thread=False)
+    s._db = ro
+    disk_id = s.spool_id
+    assert s.append({"i": 1}) == 2 and s.fault and s.spool_id != disk_id
+    assert s.depth() == 2 and s.in_memory() == 1
+    rows = s.pending(0, 10)
+    assert [json.loads(p)["spool_id"] for _, p in rows] == [disk_id, s.spool_id]
+    s.ack_many([rows[0][0]])  # the delete cannot be written: remembered, not resent
+    assert s.depth() == 1 and [k for k, _ in s.pending(0, 10)] == [rows[1][0]]
+    s.maintain()
+    assert s.fault  # still read-only
+    s._db = good
+    ro.close()
+    s.maintain()
+    assert not s.fault and s.spool_id == disk_id and s.depth() == 1
+    assert s.append({"i": 2}) == 2  # memory's seq had its own spool_id: no clash
+    assert s.close() == 0
+    s = open_spool(tmp_path)
+    assert s.depth() == 2  # what memory still held went to disk at close
 
 
 def test_spool_id_is_kept_with_the_spool_and_new_with_a_new_one(tmp_path: Path) -> None:
     s = open_spool(tmp_path)
     first = s.spool_id
-    assert len(first) == 32
+    assert len(first) == 16
     s.close()
     s = open_spool(tmp_path)
     assert s.spool_id == first

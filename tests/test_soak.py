@@ -1,0 +1,25 @@
+"""The fault soak, short: a minute of broker stops and SIGKILLs, SIGHUP storms, MQTT 5
+refusals and RTSP server restarts, hangs and resolution changes against a real agent; every
+event produced is received (after dedupe by device, spool_id, seq) or still in the spool, and
+threads and descriptors stay flat."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_fault_soak_loses_nothing(faces_dir: Path, models_dir: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "devtools.soak", "--minutes", "1.25", "--warmup", "0.25",
+         "--faults", "--rtsp", "--fault-every", "5", "--limit-mb", "10", "--shared", str(SHARED)],
+        capture_output=True, text=True, timeout=170, cwd=REPO)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "LOST 0" in r.stdout

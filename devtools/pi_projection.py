@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devtools import scenario
+from devtools import assets, scenario
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_SRC = Path(__file__).with_name("qemu_icount.c")
@@ -121,7 +121,7 @@ def main() -> int:
                     help="length of the empty scene (its frames all cost the same)")
     args = ap.parse_args()
     base = scenario.shared_dir(args.shared)
-    models = base / "models"
+    models = assets.models_dir()
     with tempfile.TemporaryDirectory(prefix="edge-agent-pi-") as tmp:
         work = Path(tmp)
         emu = Emulator(args.root.resolve(), args.venv.resolve(), work)

@@ -409,11 +409,12 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
                   EXIT_FAULT: "the MQTT connection keeps failing, exiting to be restarted"}
                  .get(code, "stopping"))
     agent.pipe.finish()
-    agent.publish_state()
     drain = agent.cfg.mqtt.drain_timeout_s
     if code or stop.is_set():
         drain = min(drain, STOP_DRAIN_S)
-    if not agent.publisher.drain(drain):
+    drained = agent.publisher.drain(drain)
+    agent.publish_state()  # the last, retained report: what is left once the drain is over
+    if not drained:
         spool = agent.spool
         log.warning("%d events not yet acknowledged; kept in the spool for the next start "
                     "(%d of them in memory, saved now if the disk takes them)",

@@ -102,6 +102,8 @@ WRONG = {
 
 
 def _wrong_for(hint: Any) -> st.SearchStrategy[Any]:
+    if typing.get_origin(hint) is tuple:  # a list in YAML, e.g. count.lines
+        return st.integers() | st.text(max_size=5) | st.floats() | st.booleans()
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     return WRONG[base]
 

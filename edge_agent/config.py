@@ -214,7 +214,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
-            name = key if isinstance(key, str) and key.strip() == key and key else repr(key)
+            plain = isinstance(key, str) and key and key.strip() == key and ":" not in key
+            name = key if plain else repr(key)  # the message reads "KEY: ..."
             raise ConfigError(f"{prefix}{_clip(name)}: unknown key (known here: {known})")
     values: dict[str, Any] = {}
     for name, f in fields.items():

@@ -17,14 +17,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import REPO, SHARED
+from conftest import REPO, SAMPLE_CLIP
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
 from devtools.broker import free_port, wait_port
 
 FLEET = REPO / "deploy" / "mosquitto"
-CLIP = SHARED / "data" / "faces" / "video" / "pexels-8090198-sd_640_338_25fps.mp4"
 DEVICE, OTHER, CONSUMER = "pi-kitchen-01", "pi-hall-02", "edge-consumer"
 NOT_AUTHORIZED = 135
 
@@ -129,10 +128,8 @@ class Client:
 
 
 def _short_clip(tmp_path: Path, seconds: float = 3) -> Path:
-    if not CLIP.exists():
-        pytest.skip(f"sample clip not found in {CLIP.parent} (set EDGE_AGENT_SHARED)")
     out = tmp_path / "clip.mp4"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(CLIP), "-t", str(seconds),
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(SAMPLE_CLIP), "-t", str(seconds),
                     "-c", "copy", str(out)], check=True)
     return out
 

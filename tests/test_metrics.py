@@ -11,7 +11,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import SHARED, Broker
+from conftest import SAMPLE_CLIP, Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import config, metrics
@@ -69,9 +69,7 @@ def test_config_wants_a_prom_file(tmp_path: Path) -> None:
 
 
 def test_agent_writes_the_state_figures(tmp_path: Path, broker: Broker, models_dir: Path) -> None:
-    clip = SHARED / "data" / "faces" / "video" / "pexels-8090198-sd_640_338_25fps.mp4"
-    if not clip.exists():
-        pytest.skip(f"sample clip not found: {clip} (set EDGE_AGENT_SHARED)")
+    clip = SAMPLE_CLIP
     short = tmp_path / "clip.mp4"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(clip), "-t", "2", "-c", "copy",
                     str(short)], check=True)

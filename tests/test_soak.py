@@ -10,15 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED
+from conftest import REPO
+
+from devtools import assets
 
 pytestmark = pytest.mark.slow
 
 
-def test_short_fault_soak_loses_nothing(faces_dir: Path, models_dir: Path) -> None:
+def test_short_fault_soak_loses_nothing(tmp_path: Path, models_dir: Path) -> None:
+    clip = assets.busy_clip(tmp_path / "busy.mp4")  # H.264, a face every 2 s: events keep coming
     r = subprocess.run(
         [sys.executable, "-m", "devtools.soak", "--minutes", "1.25", "--warmup", "0.25",
-         "--faults", "--rtsp", "--fault-every", "5", "--limit-mb", "10", "--shared", str(SHARED)],
+         "--faults", "--rtsp", "--fault-every", "5", "--limit-mb", "10", "--clip", str(clip)],
         capture_output=True, text=True, timeout=170, cwd=REPO)
     print(r.stdout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -51,6 +51,8 @@ class Pipeline:
         mdir = cfg.models.dir
         self.cfg = cfg
         cv2.setNumThreads(cfg.threads)
+        # OpenCV 5 warns once per net that its new engine ignores targets: noise in every log.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         self.detector = make_detector(cfg.detect, mdir)
         c = cfg.classify
         self.classifier = TrackClassifier(

@@ -9,7 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,16 @@ def fetch_models(names: list[str] | None = None) -> Path:
     as the demo fills it; with EDGE_AGENT_SHARED, its models/ is tried first as a mirror."""
     mirror = str(SHARED / "models") if SHARED and (SHARED / "models").is_dir() else None
     return assets.models_dir(names, mirror, say=lambda m: print(m, file=sys.stderr))
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll `pred` until it is true or `timeout` seconds have passed; whether it came true."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 @pytest.fixture(scope="session")

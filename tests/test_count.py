@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Broker
+from conftest import Broker, wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import LineConfig, MqttConfig, SpoolConfig
@@ -199,14 +199,6 @@ def test_reset_at_local_midnight_across_dst(berlin: ZoneInfo, day: tuple[int, in
     tot.record(event("end"))  # yesterday's person ends today: today's totals stay as they are
     assert json.loads(sent[-1])["gender"]["male"] == 0
 
-
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def subscribe(port: int, topic: str) -> tuple[mqtt.Client, list[str]]:

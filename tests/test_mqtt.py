@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devtools.broker import free_port, wait_port
@@ -27,14 +28,6 @@ from edge_agent.spool import Spool
 
 T = "test/dev1"
 
-
-def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 class Sub:

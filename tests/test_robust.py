@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 import yaml
-from conftest import Broker
+from conftest import Broker, wait_for
 from test_e2e import Recorder, agent_config
 from test_service import Stderr, clean_env, clip  # noqa: F401 - clip is a fixture
 
@@ -171,14 +171,6 @@ def test_two_agents_on_one_spool_the_second_exits_2(
 # --- the publisher against real brokers ----------------------------------------------------
 
 
-def _wait(pred: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
 
 class Sub:
     def __init__(self, port: int, topic: str = f"{T}/events", name: str = "sub") -> None:
@@ -219,18 +211,18 @@ def test_mqtt5_refused_events_are_kept_counted_and_sent_after_a_reconnect(
     pub = Publisher(MqttConfig(port=broker.port, protocol="5", username="agent",
                                discovery=False, reconnect_min_s=2.0), T, spool)
     try:
-        assert _wait(lambda: pub.connected)
+        assert wait_for(lambda: pub.connected)
         for i in range(20):
             pub.publish_event({"type": "new", "i": i})
-        assert _wait(lambda: spool.refused() == 20), (spool.refused(), spool.depth())
+        assert wait_for(lambda: spool.refused() == 20), (spool.refused(), spool.depth())
         assert spool.depth() == 0 and sub.got == []
         acl.write_text(acl.read_text() + f"user agent\ntopic write {T}/events\n")
         broker.stop()  # the broker reads its ACL at start; the agent reconnects
         sub.close()
         broker.start()
         sub = Sub(broker.port)  # before the agent is back (it waits 2 s)
-        assert _wait(lambda: spool.refused() == 0 and spool.depth() == 0, 20)
-        assert _wait(lambda: len(sub.got) >= 20, 10)
+        assert wait_for(lambda: spool.refused() == 0 and spool.depth() == 0, 20)
+        assert wait_for(lambda: len(sub.got) >= 20, 10)
         assert sorted(json.loads(p)["i"] for p in sub.got) == list(range(20))
     finally:
         pub.stop()
@@ -266,7 +258,7 @@ def test_full_disk_mid_run_delivers_from_memory_and_the_accounting_is_true(
     filler = small_disk / "filler"
     payload = "x" * 1500
     try:
-        assert _wait(lambda: pub.connected)
+        assert wait_for(lambda: pub.connected)
         for i in range(10):
             pub.publish_event({"type": "new", "i": i, "pad": payload})
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
@@ -286,13 +278,13 @@ def test_full_disk_mid_run_delivers_from_memory_and_the_accounting_is_true(
             pub.publish_event({"type": "new", "i": i, "pad": payload})
             assert spool.depth() >= 0
         sent += 50
-        assert _wait(lambda: spool.depth() == 0, 20), spool.depth()
+        assert wait_for(lambda: spool.depth() == 0, 20), spool.depth()
         assert spool.pending(0, 10_000) == []  # the report is what the spool holds
-        assert _wait(lambda: len({e["i"] for e in events()}) == sent, 10)
+        assert wait_for(lambda: len({e["i"] for e in events()}) == sent, 10)
         filler.unlink()
-        assert _wait(lambda: (spool.maintain(), not spool.fault)[1], 5)
+        assert wait_for(lambda: (spool.maintain(), not spool.fault)[1], 5)
         pub.publish_event({"type": "new", "i": sent})
-        assert _wait(lambda: len({e["i"] for e in events()}) == sent + 1, 10)
+        assert wait_for(lambda: len({e["i"] for e in events()}) == sent + 1, 10)
         wal = Path(f"{small_disk / 'spool.db'}-wal")
         assert not wal.exists() or wal.stat().st_size <= 300 * 1024
     finally:
@@ -318,8 +310,8 @@ def test_a_broker_that_never_sends_connack_is_logged_and_retried(
     pub = Publisher(MqttConfig(port=port, discovery=False, reconnect_min_s=0.2,
                                reconnect_max_s=0.5), T, spool)
     try:
-        assert _wait(lambda: "no CONNACK within 1 s" in caplog.text, 10), caplog.text
-        assert _wait(lambda: len(accepted) >= 2, 10), "no retry after the CONNACK timeout"
+        assert wait_for(lambda: "no CONNACK within 1 s" in caplog.text, 10), caplog.text
+        assert wait_for(lambda: len(accepted) >= 2, 10), "no retry after the CONNACK timeout"
     finally:
         pub.stop()
         spool.close()
@@ -337,7 +329,7 @@ def test_oversized_binary_and_empty_ha_status_are_ignored_and_counted(
     c.connect("127.0.0.1", broker.port)
     c.loop_start()
     try:
-        assert _wait(lambda: pub.connected)
+        assert wait_for(lambda: pub.connected)
         time.sleep(0.3)
         for payload in (b"x" * (2 << 20), bytes(range(256)), b"", b"online\0"):
             c.publish("homeassistant/status", payload, qos=1).wait_for_publish(5)
@@ -386,7 +378,7 @@ def test_a_dead_network_thread_is_noticed(tmp_path: Path, broker: Broker) -> Non
     spool = Spool(SpoolConfig(path=str(tmp_path / "spool.db")))
     pub = Publisher(MqttConfig(port=broker.port, keepalive_s=70000, discovery=False), T, spool)
     try:
-        assert _wait(lambda: not pub.network_alive(), 10)
+        assert wait_for(lambda: not pub.network_alive(), 10)
         assert not pub.connected
     finally:
         pub.stop()
@@ -394,7 +386,7 @@ def test_a_dead_network_thread_is_noticed(tmp_path: Path, broker: Broker) -> Non
     ok = Publisher(MqttConfig(port=broker.port, discovery=False), T, spool := Spool(
         SpoolConfig(path=str(tmp_path / "spool2.db"))))
     try:
-        assert _wait(lambda: ok.connected) and ok.network_alive()
+        assert wait_for(lambda: ok.connected) and ok.network_alive()
     finally:
         ok.stop()
         spool.close()
@@ -428,7 +420,7 @@ def test_agent_on_a_disk_that_fills_mid_run_delivers_every_event(
         assert b.returncode == 0, b.stderr[-2000:]
         r = subprocess.run([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)],
                            capture_output=True, text=True, timeout=180, env=clean_env())
-        assert _wait(lambda: rec.last.get("status") == b"offline", 5)
+        assert wait_for(lambda: rec.last.get("status") == b"offline", 5)
     finally:
         rec.close()
         base_rec.close()

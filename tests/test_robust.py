@@ -256,6 +256,8 @@ def test_full_disk_mid_run_delivers_from_memory_and_the_accounting_is_true(
         return [json.loads(p) for p in list(sub.got)]
 
     filler = small_disk / "filler"
+    reserve = small_disk / "reserve"  # freed with the filler: the WAL may have taken the rest
+    reserve.write_bytes(b"\0" * 64 * 1024)
     payload = "x" * 1500
     try:
         assert wait_for(lambda: pub.connected)
@@ -282,6 +284,7 @@ def test_full_disk_mid_run_delivers_from_memory_and_the_accounting_is_true(
         assert spool.pending(0, 10_000) == []  # the report is what the spool holds
         assert wait_for(lambda: len({e["i"] for e in events()}) == sent, 10)
         filler.unlink()
+        reserve.unlink()
         assert wait_for(lambda: (spool.maintain(), not spool.fault)[1], 5)
         pub.publish_event({"type": "new", "i": sent})
         assert wait_for(lambda: len({e["i"] for e in events()}) == sent + 1, 10)

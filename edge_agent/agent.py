@@ -28,7 +28,7 @@ from edge_agent.health import (
     MemoryGuard,
     adapt_to_exits,
 )
-from edge_agent.motion import MotionGate
+from edge_agent.motion import Box, MotionGate, focus
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
 from edge_agent.track import Track, Tracker
@@ -41,6 +41,7 @@ STOP_DRAIN_S = 3.0  # a stop asked for (signal, memory ceiling) waits this long 
 STOP_PUBLISHER_S = 1.0  # then `offline` and the disconnect get this long at most
 EXIT_FAULT = 74  # a fault a restart may cure (docs/operations.md); the unit restarts on it
 MAX_NETWORK_RESTARTS = 5  # paho's network thread died this often in a row: exit EXIT_FAULT
+FULL_FRAME_EVERY = 5  # with faces tracked, every 5th detector run looks at the whole frame
 
 
 class Pipeline:
@@ -70,6 +71,8 @@ class Pipeline:
         self._since_detect = self.every_n
         self._shape: tuple[int, ...] = ()
         self.motion = MotionGate(cfg.detect.motion) if cfg.detect.motion.enabled else None
+        self.crop = cfg.detect.motion.crop
+        self._crop_runs = 0
 
     def step(self, frame: Frame) -> None:
         self.stats.frame(time.monotonic())
@@ -85,7 +88,7 @@ class Pipeline:
         if self._since_detect >= self.every_n and self._worth_detecting(frame):
             self._since_detect = 0
             t0 = time.perf_counter()
-            detections = self.detector.detect(frame.image)
+            detections = self.detector.detect(frame.image, self._focus(frame))
             self.stats.detect((time.perf_counter() - t0) * 1e3)
         self._end(self.tracker.update(frame, detections))
         if detections is not None:
@@ -107,6 +110,20 @@ class Pipeline:
         self._since_detect = 0
         self.stats.skipped()
         return False
+
+    def _focus(self, frame: Frame) -> Box | None:
+        """With faces tracked, the detector looks only around them and at what moves, and at
+        the whole frame every `FULL_FRAME_EVERY` runs (a face that came in without moving)."""
+        tracks = self.tracker.tracks
+        if self.motion is None or not self.crop or not tracks:
+            self._crop_runs = 0
+            return None
+        self._crop_runs += 1
+        if self._crop_runs >= FULL_FRAME_EVERY:
+            self._crop_runs = 0
+            return None
+        h, w = frame.image.shape[:2]
+        return focus([t.box for t in tracks], self.motion.regions(), w, h)
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""
@@ -139,6 +156,9 @@ class Pipeline:
 
     def _end(self, tracks: list[Track]) -> None:
         for t in tracks:
+            ms = self.classifier.settle(t.id)
+            if ms is not None:
+                self.stats.classify(ms)
             crossings = [(c.line, c.direction.value) for c in self.lines.ended(t)]
             for ev in self.events.ended(t, self.classifier.result(t.id), crossings):
                 self.publish(ev)

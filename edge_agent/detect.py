@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,21 +26,44 @@ class Detection:
     landmarks: np.ndarray | None  # 5x2 float32 (subject's right eye, left eye, nose, mouth R, L)
 
 
+Box = tuple[float, float, float, float]  # x, y, w, h
+# A region starts on YuNet's coarsest grid (32 net pixels): the net then sees the very pixels
+# and cells of the whole frame there, and finds the same faces with the same scores.
+_YUNET_STRIDE = 32
+
+
 class Detector(Protocol):
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        """Faces in a full-size BGR frame, boxes and landmarks in that frame's pixels."""
+    def detect(self, image: np.ndarray, region: Box | None = None) -> list[Detection]:
+        """Faces in a full-size BGR frame, boxes and landmarks in that frame's pixels; with a
+        `region`, only faces wholly inside it, where the backend can look at part of a frame
+        (else the whole frame)."""
 
 
 def _downscale(
-    image: np.ndarray, width: int, interpolation: int = cv2.INTER_AREA
+    image: np.ndarray, k: float, interpolation: int = cv2.INTER_AREA
 ) -> tuple[np.ndarray, float, float]:
-    """The frame at `width` (never upscaled) and the x, y factors back to full-frame pixels."""
+    """The image scaled by `k` <= 1 and the x, y factors back to its own pixels."""
     h, w = image.shape[:2]
-    if w <= width:
+    if k >= 1.0:
         return image, 1.0, 1.0
-    sh = max(1, round(h * width / w))
-    small = cv2.resize(image, (width, sh), interpolation=interpolation)
-    return small, w / width, h / sh
+    sw, sh = max(1, round(w * k)), max(1, round(h * k))
+    small = cv2.resize(image, (sw, sh), interpolation=interpolation)
+    return small, w / sw, h / sh
+
+
+def _crop(shape: tuple[int, ...], region: Box | None, step: int) -> tuple[int, int, int, int]:
+    """`region` inside the frame (x0, y0, x1, y1), its edges on multiples of `step`; None: the
+    whole frame."""
+    fh, fw = shape[:2]
+    if region is None:
+        return 0, 0, fw, fh
+    x, y, w, h = region
+
+    def down(v: float) -> int:
+        return max(0, math.floor(v / step) * step)
+
+    return down(x), down(y), min(fw, math.ceil((x + w) / step) * step), \
+        min(fh, math.ceil((y + h) / step) * step)
 
 
 class YuNetDetector:
@@ -69,8 +93,13 @@ class YuNetDetector:
             model_path, "", self._size, score_threshold, nms_threshold, top_k
         )
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        small, sx, sy = _downscale(image, self.width, self.interpolation)
+    def detect(self, image: np.ndarray, region: Box | None = None) -> list[Detection]:
+        """A `region` is looked at with the frame's own scale (`width` px across the whole
+        frame): faces are as large to the net as without it, and the net's cost is about its
+        share of the frame's area."""
+        k = self.width / image.shape[1]
+        x0, y0, x1, y1 = _crop(image.shape, region, max(1, round(1 / k)) * _YUNET_STRIDE)
+        small, sx, sy = _downscale(image[y0:y1, x0:x1], k, self.interpolation)
         size = (small.shape[1], small.shape[0])
         if size != self._size:
             self._net.setInputSize(size)
@@ -79,10 +108,16 @@ class YuNetDetector:
         if faces is None:
             return []
         faces[:, :14] *= np.array((sx, sy) * 7, np.float32)
+        faces[:, :2] += (x0, y0)
+        faces[:, 4:14] += np.array((x0, y0) * 5, np.float32)
+        fh, fw = image.shape[:2]
         out = []
         for f in faces:
             if min(f[2], f[3]) < self.min_face_px:
                 continue
+            if ((x0 > 0 and f[0] <= x0 + 1) or (y0 > 0 and f[1] <= y0 + 1)
+                    or (x1 < fw and f[0] + f[2] >= x1 - 1) or (y1 < fh and f[1] + f[3] >= y1 - 1)):
+                continue  # cut by the region's edge: the box would be the cut, not the face
             box = (float(f[0]), float(f[1]), float(f[2]), float(f[3]))
             out.append(Detection(box, float(f[14]), f[4:14].reshape(5, 2).copy()))
         return out
@@ -111,7 +146,8 @@ class UltraFaceDetector:
         self._net = cv2.dnn.readNet(model_path)
         self._outs = ["scores", "boxes"]
 
-    def detect(self, image: np.ndarray) -> list[Detection]:
+    def detect(self, image: np.ndarray, region: Box | None = None) -> list[Detection]:
+        """Always the whole frame: the graph's priors are baked in for 320x240."""
         h, w = image.shape[:2]
         blob = cv2.dnn.blobFromImage(image, 1 / 128, self.INPUT, (127, 127, 127), swapRB=True)
         self._net.setInput(blob)

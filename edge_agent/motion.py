@@ -28,6 +28,33 @@ from edge_agent.config import MotionConfig
 
 _GLOBAL_FRACTION = 0.6  # more of the picture than this changed at once: lighting, not a person
 _LEARN = 0.05  # background weight of each consulted frame: ~20 of them, 7 s at 15 fps, N=5
+_MIN_REGION_PX = 12  # a moving blob smaller than this (gate pixels) is noise, not a new face
+_MARGIN = 1.0  # around a tracked face, in face sizes: where it can be by the next run
+_MOVED_MARGIN = 0.05  # around what moved, in frame widths: a head whose edge alone moved
+_MAX_SHARE = 0.5  # a region larger than this share of the frame: look at all of it
+
+Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
+
+
+def focus(faces: list[Box], moved: list[Box] | None, width: int, height: int) -> Box | None:
+    """Where the detector needs to look while faces are tracked: around each of them and around
+    whatever moves (someone walking in), as one box; None for the whole frame (what moved is
+    unknown, or the box would cover most of it anyway)."""
+    if moved is None:
+        return None
+    pad = _MOVED_MARGIN * width
+    boxes = [(x - _MARGIN * max(w, h), y - _MARGIN * max(w, h), x + w + _MARGIN * max(w, h),
+              y + h + _MARGIN * max(w, h)) for x, y, w, h in faces]
+    boxes += [(x - pad, y - pad, x + w + pad, y + h + pad) for x, y, w, h in moved]
+    if not boxes:
+        return None
+    x0 = max(0.0, min(b[0] for b in boxes))
+    y0 = max(0.0, min(b[1] for b in boxes))
+    x1 = min(float(width), max(b[2] for b in boxes))
+    y1 = min(float(height), max(b[3] for b in boxes))
+    if (x1 - x0) * (y1 - y0) > _MAX_SHARE * width * height:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
 
 
 class MotionGate:
@@ -41,9 +68,11 @@ class MotionGate:
         self._smooth: np.ndarray | None = None
         self._diff: np.ndarray | None = None
         self._mask: np.ndarray | None = None
+        self._mask_scale: float | None = None  # frame pixels per mask pixel; None: no mask
 
     def moving(self, image: np.ndarray) -> bool:
         grey = self._shrink(image)
+        self._mask_scale = None
         bg = self._bg
         if bg is None or bg.shape != grey.shape:
             self._bg = grey.astype(np.float32)
@@ -58,7 +87,18 @@ class MotionGate:
             self._bg = grey.astype(np.float32)
             return False
         cv2.accumulateWeighted(grey, bg, _LEARN)
+        self._mask_scale = image.shape[1] / grey.shape[1]
         return changed >= self.cfg.min_area
+
+    def regions(self) -> list[Box] | None:
+        """Boxes (frame pixels) of what moved at the last `moving` call; None when that is not
+        known (nothing to compare with yet, or the light changed)."""
+        if self._mask_scale is None or self._mask is None:
+            return None
+        n, _, stats, _ = cv2.connectedComponentsWithStats(self._mask, connectivity=8)
+        k = self._mask_scale
+        return [(x * k, y * k, w * k, h * k) for x, y, w, h, area in stats[1:n].tolist()
+                if area >= _MIN_REGION_PX]
 
     def _shrink(self, image: np.ndarray) -> np.ndarray:
         """A smoothed `width`-px grey copy in reused buffers (resize first: fewer pixels to

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import pytest
 from conftest import SAMPLE_CLIP
 
@@ -67,3 +68,34 @@ def test_a_stalled_stream_ends_tracks_on_time(frames: list[Frame], models_dir: P
     assert not any(e["type"] == "end" for e in events if e["track_id"] in open_ids)
     pipe.stalled(last + 1.5)
     assert {e["track_id"] for e in events if e["type"] == "end"} >= open_ids
+
+
+def test_with_a_face_tracked_the_detector_looks_around_it_and_at_the_whole_frame_every_5th_run(
+        frames: list[Frame], models_dir: Path) -> None:
+    canvas = np.full((720, 1280, 3), 128, np.uint8)  # the clip in a wider view: a smaller face
+
+    def run(crop: bool) -> tuple[list[dict[str, Any]], list[tuple[bool, Any]]]:
+        pipe, events = pipeline(models_dir)
+        pipe.crop = crop
+        real = pipe.detector.detect
+        regions: list[tuple[bool, Any]] = []
+
+        def spy(image: Any, region: Any = None) -> Any:
+            regions.append((bool(pipe.tracker.tracks), region))
+            return real(image, region)
+
+        pipe.detector.detect = spy  # type: ignore[method-assign]
+        for f in frames:
+            canvas[191:529, 320:960] = f.image
+            pipe.step(Frame(canvas.copy(), f.index, f.ts, f.mono))
+        pipe.finish()
+        return events, regions
+
+    events, regions = run(crop=True)
+    tracked = [r for t, r in regions if t]
+    assert all(r is None for t, r in regions if not t)
+    crops = [r for r in tracked if r is not None]
+    assert len(crops) >= 10 and len(tracked) - len(crops) >= len(tracked) // 5 - 1
+    assert all(w * h <= 0.5 * 1280 * 720 for _, _, w, h in crops)
+    whole, _ = run(crop=False)
+    assert [e["type"] for e in events] == [e["type"] for e in whole]  # the same faces, as often

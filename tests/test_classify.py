@@ -14,6 +14,7 @@ from edge_agent.classify import (
     AGE_FILE,
     GENDER_FILE,
     Attributes,
+    Chips,
     FaceClassifier,
     TrackAttributes,
     TrackClassifier,
@@ -95,6 +96,54 @@ def test_track_attributes_window_and_samples() -> None:
     assert not ta.wants(1.0)
     res = ta.result()
     assert res is not None and res.samples == 2
+
+
+class _Counting:
+    """A stand-in for the nets: the answer follows the chip's quality; counts the passes."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    @staticmethod
+    def chips(image: np.ndarray, det: Detection) -> Chips:
+        return Chips(np.array([det.score]), np.array([det.score]))
+
+    def classify(self, chips: Chips) -> tuple[float, np.ndarray]:
+        self.passes += 1
+        q = float(chips.gender[0])
+        return q, _one_hot_age(int(20 + 40 * q))
+
+
+def test_the_first_chip_is_classified_at_once_and_only_the_best_later_ones_when_the_window_closes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_agent import classify
+
+    monkeypatch.setattr(classify, "face_quality", lambda image, det: det.score)
+    nets = _Counting()
+    tc = TrackClassifier(nets, samples=3, window=8, min_face_px=40)  # type: ignore[arg-type]
+    img = np.zeros((480, 640, 3), np.uint8)
+    qualities = [0.5, 0.3, 0.2, 0.9, 0.6, 0.8, 0.1, 0.95]
+    spent = [tc.offer(img, 1, Detection((100.0, 100.0, 60.0, 60.0), q, None)) for q in qualities]
+    assert spent[0] is not None and spent[1:7] == [None] * 6 and spent[7] is not None
+    assert nets.passes == 4  # classifying each better chip as it came: 7 passes
+    eager = TrackAttributes(samples=3, window=8)
+    for q in sorted(qualities)[-3:]:
+        eager.add(q, q, _one_hot_age(int(20 + 40 * q)))
+    got, want = tc.result(1), eager.result()
+    assert got is not None and want is not None
+    assert (got.gender, got.age_bucket, got.samples) == (want.gender, want.age_bucket, 3)
+    assert got.age == pytest.approx(want.age)
+    assert got.gender_score == pytest.approx(want.gender_score)
+    assert tc.offer(img, 1, Detection((100.0, 100.0, 60.0, 60.0), 0.99, None)) is None
+
+    short = [0.4, 0.7, 0.6]  # a track that ends before its window closes
+    for q in short:
+        tc.offer(img, 2, Detection((100.0, 100.0, 60.0, 60.0), q, None))
+    first = tc.result(2)
+    assert first is not None and first.samples == 1
+    assert tc.settle(2) is not None and tc.settle(2) is None
+    settled = tc.result(2)
+    assert settled is not None and settled.samples == 3 and nets.passes == 4 + 3
 
 
 def test_track_attributes_ignore_profiles_without_spending_the_window() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SAMPLE_CLIP
 
 from edge_agent.config import DetectConfig
 from edge_agent.detect import (
@@ -190,3 +191,27 @@ def test_ultraface_boxes_near_yunet(faces_dir: Path, ultraface: UltraFaceDetecto
         dets = ultraface.detect(cv2.imread(str(faces_dir / file)))
         for box in ref:
             assert max(_iou(box, d.box) for d in dets) > 0.5, file
+
+
+def _sample_frame(index: int) -> np.ndarray:
+    cap = cv2.VideoCapture(str(SAMPLE_CLIP))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+    ok, img = cap.read()
+    cap.release()
+    assert ok
+    return img
+
+
+def test_yunet_on_a_region_finds_the_face_inside_it_and_nothing_cut_or_outside(
+        models_dir: Path) -> None:
+    img = _sample_frame(600)
+    det = YuNetDetector(str(models_dir / DETECTOR_FILES["yunet"]), width=320)
+    [full] = det.detect(img)
+    x, y, w, h = full.box
+    [inside] = det.detect(img, (x - w, y - h / 2, 3 * w, 2 * h))
+    assert iou(np.array([inside.box]), np.array([full.box]))[0, 0] > 0.85
+    assert inside.landmarks is not None and full.landmarks is not None
+    assert np.abs(inside.landmarks - full.landmarks).max() < 0.1 * w
+    assert det.detect(img, (x + w / 2, y - h / 2, 2 * w, 2 * h)) == []  # cuts the face in half
+    far = (0.0, 0.0, 100.0, 100.0) if x > 200 else (540.0, 0.0, 100.0, 100.0)
+    assert det.detect(img, far) == []

@@ -8,7 +8,7 @@ import pytest
 from devtools import scenario
 from edge_agent import config
 from edge_agent.config import ConfigError, MotionConfig
-from edge_agent.motion import MotionGate
+from edge_agent.motion import MotionGate, focus
 
 
 def _scene(rng: np.random.Generator, noise: float = 3.0, gain: float = 1.0) -> np.ndarray:
@@ -45,3 +45,32 @@ def test_motion_config_is_validated_with_its_key_path() -> None:
     assert cfg.detect.motion.width == 80 and cfg.detect.motion.enabled
     with pytest.raises(ConfigError, match=r"^detect\.motion\.min_area: "):
         config.from_dict({"source": {"uri": "x.mp4"}, "detect": {"motion": {"min_area": 2}}})
+
+
+def test_regions_box_what_moved_in_frame_pixels() -> None:
+    rng = np.random.default_rng(2)
+    gate = MotionGate(MotionConfig())
+    assert gate.regions() is None  # nothing compared yet
+    gate.moving(_scene(rng))
+    assert gate.regions() is None  # the first frame only starts the background
+    for _ in range(5):
+        gate.moving(_scene(rng))
+        assert gate.regions() == []
+    img = _scene(rng)
+    img[200:280, 400:460] = 250
+    assert gate.moving(img)
+    [(x, y, w, h)] = gate.regions() or [None]
+    assert 390 <= x <= 400 and 190 <= y <= 200 and 460 <= x + w <= 470 and 280 <= y + h <= 290
+    assert not gate.moving(255 - _scene(rng))  # all of it changed at once
+    assert gate.regions() is None  # so what moved is not known
+
+
+def test_focus_covers_the_faces_and_what_moved_or_gives_the_whole_frame() -> None:
+    face = (300.0, 200.0, 40.0, 50.0)
+    x, y, w, h = focus([face], [], 640, 480) or (0, 0, 0, 0)
+    assert (x, y, x + w, y + h) == (250, 150, 390, 300)  # one face size around it
+    walker = (40.0, 100.0, 30.0, 200.0)
+    x, y, w, h = focus([face], [walker], 640, 480) or (0, 0, 0, 0)
+    assert x < 40 and x + w >= 390 and y <= 100 and y + h >= 300
+    assert focus([face], None, 640, 480) is None  # unknown motion: everything
+    assert focus([face, (0.0, 0.0, 200.0, 200.0)], [], 640, 480) is None  # most of the frame

@@ -24,7 +24,8 @@ from devtools import assets, scenario
 from edge_agent import config
 from edge_agent.capture import open_source
 
-MODES = ("decode", "agent", "naive", "ungated")  # ungated: the agent without its motion gate
+# ungated: the agent without its motion gate; uncropped: with it, but never detecting on crops
+MODES = ("decode", "agent", "naive", "ungated", "uncropped")
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
@@ -67,11 +68,11 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
                   f"{r['peak_rss_mb']:>12.1f}")
             if "detector_runs" in r:
                 print(f"         detector runs {r['detector_runs']}, skipped (nothing moved) "
-                      f"{r['detector_skipped']}")
+                      f"{r['detector_skipped']}, on a crop {r['detector_cropped']}")
             if "score" in r:
                 print(f"         {r['score']}")
     cpu = {m: r["cpu_ms_per_frame"] for m, r in results.items()}
-    for m in ("agent", "ungated"):
+    for m in ("agent", "ungated", "uncropped"):
         if m in cpu and "decode" in cpu:
             print(f"{m} / decode CPU: {cpu[m] / cpu['decode']:.2f}x")
     if "agent" in cpu and "naive" in cpu:
@@ -96,9 +97,13 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     cv2.setNumThreads(cfg.threads)
     events: list[dict[str, Any]] = []
     step: Any = None
+    pipe: Any = None
     finish: Any = None
     stats: Any = None
-    if mode in ("agent", "ungated"):
+    if mode == "uncropped":
+        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(
+            cfg.detect, motion=dataclasses.replace(cfg.detect.motion, crop=False)))
+    if mode in ("agent", "ungated", "uncropped"):
         pipe = Pipeline(cfg, events.append, "bench")
         step, finish, stats = pipe.step, pipe.finish, pipe.stats
     elif mode == "naive":
@@ -132,6 +137,7 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     }
     if stats is not None:
         out["detector_runs"], out["detector_skipped"] = stats.detections, stats.detect_skipped
+        out["detector_cropped"] = pipe.detect_cropped
     truth = Path(clip + ".json")
     if step is not None and finish is not None and truth.exists():
         scn = scenario.Scenario.load(truth)

@@ -73,6 +73,7 @@ class Pipeline:
         self.motion = MotionGate(cfg.detect.motion) if cfg.detect.motion.enabled else None
         self.crop = cfg.detect.motion.crop
         self._crop_runs = 0
+        self.detect_cropped = 0  # detector runs on a region rather than the whole frame
 
     def step(self, frame: Frame) -> None:
         self.stats.frame(time.monotonic())
@@ -123,7 +124,9 @@ class Pipeline:
             self._crop_runs = 0
             return None
         h, w = frame.image.shape[:2]
-        return focus([t.box for t in tracks], self.motion.regions(), w, h)
+        region = focus([t.box for t in tracks], self.motion.regions(), w, h)
+        self.detect_cropped += region is not None
+        return region
 
     def _on_detections(self, frame: Frame) -> None:
         """Classification and new/update decisions only change when the detector has run."""

@@ -18,7 +18,7 @@ from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
 from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
 from edge_agent.count import DailyTotals, LineCounter
-from edge_agent.detect import make_detector
+from edge_agent.detect import Box, make_detector
 from edge_agent.events import EventBuilder
 from edge_agent.health import (
     EXIT_MEMORY_CEILING,
@@ -28,7 +28,7 @@ from edge_agent.health import (
     MemoryGuard,
     adapt_to_exits,
 )
-from edge_agent.motion import Box, MotionGate, focus
+from edge_agent.motion import MotionGate, focus
 from edge_agent.mqtt import Publisher
 from edge_agent.spool import Spool
 from edge_agent.track import Track, Tracker

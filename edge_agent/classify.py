@@ -182,7 +182,7 @@ class TrackAttributes:
     The first chip is classified at once (the `new` event waits for it). Later chips are held,
     the best `samples` of them, and classified only if they beat what is kept, when the window
     closes or the track ends: the same answer as classifying each better chip as it comes, in
-    about half the forward passes (each pass is ~10 ms on this machine, more on a Pi).
+    about half the forward passes (a classification costs ~10 ms here, more on a Pi).
     """
 
     def __init__(self, samples: int, window: int) -> None:

@@ -27,8 +27,8 @@ class Detection:
 
 
 Box = tuple[float, float, float, float]  # x, y, w, h
-# A region starts on YuNet's coarsest grid (32 net pixels): the net then sees the very pixels
-# and cells of the whole frame there, and finds the same faces with the same scores.
+# A region's edges lie on YuNet's coarsest grid (32 net pixels): inside it the net then sees the
+# whole frame's pixels on the whole frame's cells (unsnapped, marginal faces came and went).
 _YUNET_STRIDE = 32
 
 

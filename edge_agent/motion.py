@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from edge_agent.config import MotionConfig
+from edge_agent.detect import Box
 
 _GLOBAL_FRACTION = 0.6  # more of the picture than this changed at once: lighting, not a person
 _LEARN = 0.05  # background weight of each consulted frame: ~20 of them, 7 s at 15 fps, N=5
@@ -32,8 +33,6 @@ _MIN_REGION_PX = 12  # a moving blob smaller than this (gate pixels) is noise, n
 _MARGIN = 1.0  # around a tracked face, in face sizes: where it can be by the next run
 _MOVED_MARGIN = 0.05  # around what moved, in frame widths: a head whose edge alone moved
 _MAX_SHARE = 0.5  # a region larger than this share of the frame: look at all of it
-
-Box = tuple[float, float, float, float]  # x, y, w, h in frame pixels
 
 
 def focus(faces: list[Box], moved: list[Box] | None, width: int, height: int) -> Box | None:
@@ -43,11 +42,10 @@ def focus(faces: list[Box], moved: list[Box] | None, width: int, height: int) ->
     if moved is None:
         return None
     pad = _MOVED_MARGIN * width
-    boxes = [(x - _MARGIN * max(w, h), y - _MARGIN * max(w, h), x + w + _MARGIN * max(w, h),
-              y + h + _MARGIN * max(w, h)) for x, y, w, h in faces]
-    boxes += [(x - pad, y - pad, x + w + pad, y + h + pad) for x, y, w, h in moved]
-    if not boxes:
+    grown = [(b, _MARGIN * max(b[2], b[3])) for b in faces] + [(b, pad) for b in moved]
+    if not grown:
         return None
+    boxes = [(x - m, y - m, x + w + m, y + h + m) for (x, y, w, h), m in grown]
     x0 = max(0.0, min(b[0] for b in boxes))
     y0 = max(0.0, min(b[1] for b in boxes))
     x1 = min(float(width), max(b[2] for b in boxes))

@@ -29,7 +29,8 @@ MODES = ("decode", "agent", "naive", "ungated", "uncropped")
 
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
-         every_n: int | None, scene: str = "busy", size: str | None = None) -> int:
+         every_n: int | None, scene: str = "busy", size: str | None = None,
+         b_frames: bool = True) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
@@ -49,7 +50,8 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
         elif faces is not None and size:
             w, h = (int(v) for v in size.lower().split("x"))
             scn = scenario.scaled(scenario.plan(faces, people=people, seed=seed), w, h)
-            clip = str(scenario.render_camera(scn, faces, Path(work) / f"scene{w}x{h}.mp4"))
+            clip = str(scenario.render_camera(scn, faces, Path(work) / f"scene{w}x{h}.mp4",
+                                              b_frames=b_frames))
         elif faces is not None:
             scn = scenario.plan(faces, people=people, seed=seed)
             clip = str(scenario.render(scn, faces, Path(work) / "scene.mp4",

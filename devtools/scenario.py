@@ -425,10 +425,13 @@ def quiet_door(faces_dir: Path, people: int = 20, minutes: float = 5.0, seed: in
 
 
 def render_camera(scn: Scenario, faces_dir: Path, out: Path, noise: float = 2.5,
-                  seed: int = 3) -> Path:
+                  seed: int = 3, b_frames: bool = True) -> Path:
     """Like `render` (H.264), with fresh sensor noise on every frame (`noise`: standard
     deviation in grey levels), piped raw into ffmpeg so no intermediate codec smooths it away:
-    a flat synthetic picture would decode, and hide motion, unrealistically well."""
+    a flat synthetic picture would decode, and hide motion, unrealistically well.
+
+    `b_frames=False` encodes I and P frames only, as IP cameras usually stream: the decoder
+    then holds fewer frames (at 4K ~48 MB less, docs/performance.md)."""
     bg = background(scn.width, scn.height).astype(np.float32)
     sprites = {}
     for p in scn.people:
@@ -440,7 +443,8 @@ def render_camera(scn: Scenario, faces_dir: Path, out: Path, noise: float = 2.5,
     enc = subprocess.Popen(
         ["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24", "-s",
          f"{scn.width}x{scn.height}", "-r", str(scn.fps), "-i", "-", "-c:v", "libx264", "-preset",
-         "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-g", str(int(scn.fps * 2)), str(out)],
+         "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", "-g", str(int(scn.fps * 2)),
+         *([] if b_frames else ["-bf", "0"]), str(out)],
         stdin=subprocess.PIPE)
     assert enc.stdin is not None
     masks: dict[int, np.ndarray] = {}

@@ -405,6 +405,7 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
         else:
             pipe.stalled(time.monotonic())
         now = time.monotonic()
+        agent.memory.fit.check(source.size, cfg.memory)
         level = agent.memory.check(now)
         if level is Memory.CEILING:
             log.error("memory ceiling reached: rss %.0f MB >= %.0f MB; exiting with %d",
@@ -412,7 +413,8 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
                       extra={"ERROR_KIND": "memory_ceiling"})
             code = EXIT_MEMORY_CEILING
             if agent.memory.exits is not None:
-                agent.memory.exits.record(pipe.stats.uptime(), agent.memory.rss_mb)
+                agent.memory.exits.record(pipe.stats.uptime(), agent.memory.rss_mb,
+                                          agent.memory.fit)
             break
         pipe.every_n = cfg.detect.every_n_frames * (SHED_FACTOR if level is Memory.SHED else 1)
         agent.spool.maintain()
@@ -468,6 +470,7 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher
         "memory": memory.level.value,
         "memory_sheds": memory.sheds,
         "ceiling_exits": len(memory.exits.exits) if memory.exits else 0,  # in the last hour
+        "memory_need_mb": None if memory.fit.need_mb is None else round(memory.fit.need_mb),
         "tracks": sum(t.confirmed for t in pipe.tracker.tracks),  # faces in view
         "people_today": pipe.totals.people,
         "last_gender": pipe.totals.last_face.get("gender"),

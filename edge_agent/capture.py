@@ -36,7 +36,6 @@ _MAX_SKIP_S = 2.0
 # (synchronisation) and holds a frame per thread; see docs/performance.md.
 DECODER_THREADS = 1
 _BIG_PIXELS = 1920 * 1080  # above this, full-size frames strain a 200 MB ceiling on a Pi
-_DECODER_BYTES_PER_PIXEL = 18  # H.264 at 4K, one thread: ~150 MB in the decoder (measured)
 
 
 @dataclass(slots=True)
@@ -58,6 +57,7 @@ class FrameSource(Protocol):
 
     reconnects: int  # times a stream was lost after delivering frames
     last_error: str | None  # why it was last lost, for health reports
+    size: tuple[int, int] | None  # what the source sends (before source.max_width), once known
 
     @property
     def state(self) -> str:
@@ -124,8 +124,10 @@ class FileSource:
             "%s: open (%.2f fps, realtime %s, loop %s)", path, self.fps, cfg.realtime, cfg.loop
         )
         self._buf: np.ndarray | None = None
-        log_size(path, int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                 int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), cfg.max_width)
+        width, height = (int(self._cap.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH,
+                                                         cv2.CAP_PROP_FRAME_HEIGHT))
+        self.size: tuple[int, int] | None = (width, height)
+        log_size(path, width, height, cfg.max_width)
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG,
@@ -226,6 +228,7 @@ class _LiveSource:
         self.uri = redact(cfg.uri)
         self.reconnects = 0  # times the stream was lost after it had delivered frames
         self.last_error: str | None = None
+        self.size: tuple[int, int] | None = None
         self._state = "connecting"
         self._slot: Frame | None = None
         self._count = first_index
@@ -361,7 +364,8 @@ class _LiveSource:
             if not ok or image is None:
                 return delivered, "stream ended or read failed"
             if not delivered:
-                log_size(self.uri, image.shape[1], image.shape[0], self.cfg.max_width)
+                self.size = (image.shape[1], image.shape[0])
+                log_size(self.uri, *self.size, self.cfg.max_width)
             small = fit_width(image, self.cfg.max_width)
             buf, image = (image if small is not image else None), small  # reuse what was scaled
             with self._cond:
@@ -450,13 +454,8 @@ def fit_width(image: np.ndarray, max_width: int | None) -> np.ndarray:
 
 
 def log_size(name: str, width: int, height: int, max_width: int | None) -> None:
-    """Say at start what size the source sends and what the agent does with it. The decoder's
-    own frames cannot be scaled: at 4K they alone take ~150 MB (docs/performance.md)."""
-    if width * height > _BIG_PIXELS:
-        log.warning("%s: source sends %dx%d; its decoder alone needs about %.0f MB here. If the "
-                    "memory ceiling is reached, use the camera's sub-stream (640-1280 px wide) "
-                    "or raise memory.ceiling_mb", name, width, height,
-                    width * height * _DECODER_BYTES_PER_PIXEL / 2**20)
+    """Say at start what size the source sends and what the agent does with it (what that
+    size needs against the memory ceiling is health.SourceFit's to say)."""
     if max_width is not None and width > max_width:
         log.info("%s: source sends %dx%d; frames are scaled to %d px wide (source.max_width)",
                  name, width, height, max_width)

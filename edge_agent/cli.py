@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="generated scene: busy (30 people) or quiet door (mostly empty)")
     bench.add_argument("--size", default=None,
                        help="WxH: the busy scene scaled to this size, e.g. 1920x1080")
+    bench.add_argument("--no-b-frames", dest="b_frames", action="store_false",
+                       help="with --size: encode I and P frames only, as IP cameras usually do")
     bench.set_defaults(func=_bench)
     return p
 
@@ -219,4 +221,4 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     bench = _devtool("bench")
     return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
-                      args.every_n, args.scene, args.size)
+                      args.every_n, args.scene, args.size, args.b_frames)

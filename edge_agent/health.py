@@ -18,6 +18,23 @@ _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
 EXIT_MEMORY_CEILING = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings the agent back
 
+# The agent's peak RSS by source size, frames scaled to source.max_width 1280 (measured at 1080p
+# and 4K, docs/performance.md "Big cameras"): a base, plus per source pixel the decoder's
+# reference frames and the two full-size BGR frames (OpenCV's and the reused one). A stream that
+# allows B-frames (x264's default: a reorder delay of 2) makes the decoder hold ~4 more frames,
+# however few B-frames it sends: at 4K ~48 MB more.
+_NEED_BASE_MB = 102.0
+_NEED_MB_PER_MPIXEL = 10.4
+_NEED_MB_PER_MPIXEL_B_FRAMES = 16.2
+_NEED_MARGIN_MB = 10.0  # growth beyond the source's need that still sheds work
+
+
+def memory_need_mb(width: int, height: int, b_frames: bool) -> float:
+    """About what the agent's RSS peaks at for a source of this size (H.264, one decoder
+    thread); scaling frames (source.max_width) barely changes it: the decoder dominates."""
+    per = _NEED_MB_PER_MPIXEL_B_FRAMES if b_frames else _NEED_MB_PER_MPIXEL
+    return _NEED_BASE_MB + width * height / 1e6 * per
+
 
 def rss_mb() -> float:
     """Current resident set size; /proc/self/statm is ~15 us, cheap enough to poll every second."""
@@ -32,11 +49,17 @@ class Memory(Enum):
 
 
 class MemoryGuard:
-    """Soft threshold: shed work. Ceiling: leave cleanly so systemd restarts a fresh process."""
+    """Soft threshold: shed work. Ceiling: leave cleanly so systemd restarts a fresh process.
+
+    Shedding (the detector less often) cannot shrink a big source's decoder, only delay first
+    events (at 4K 21 frames instead of 2): a source whose size alone takes it past the soft
+    threshold (which a 640x480 stream stays under) raises it to its need plus a margin, so
+    growth beyond the need is still shed. A soft threshold set lower than that is kept."""
 
     def __init__(self, cfg: MemoryConfig, exits: CeilingExits | None = None) -> None:
         self.configure(cfg)
         self.exits = exits
+        self.fit = SourceFit()
         self.rss_mb = rss_mb()
         self.peak_mb = self.rss_mb
         self.level = Memory.OK
@@ -57,7 +80,7 @@ class MemoryGuard:
         self.peak_mb = max(self.peak_mb, self.rss_mb)
         if self.rss_mb >= self.ceiling_mb:
             self.level = Memory.CEILING
-        elif self.rss_mb >= self.soft_mb:
+        elif self.rss_mb >= self.shed_mb:
             if self.level is not Memory.SHED:
                 self.sheds += 1
                 gc.collect()
@@ -65,6 +88,50 @@ class MemoryGuard:
         else:
             self.level = Memory.OK
         return self.level
+
+    @property
+    def shed_mb(self) -> float:
+        need = self.fit.need_mb
+        if need is None or self.soft_mb < memory_need_mb(640, 480, False):
+            return self.soft_mb
+        return max(self.soft_mb, need + _NEED_MARGIN_MB)
+
+
+class SourceFit:
+    """Says once the source's size is known (and again if it changes) what the agent needs for
+    it against the memory ceiling and, if that may not fit, what to do: an honest start
+    instead of a silent restart loop. OpenCV does not tell whether the stream allows B-frames
+    (it shows in the decoder's memory, not in the frame types: a stream that allows them may
+    use few), so both figures are given."""
+
+    def __init__(self) -> None:
+        self.size: tuple[int, int] | None = None
+        self.need_mb: float | None = None  # without B-frames
+
+    def check(self, size: tuple[int, int] | None, cfg: MemoryConfig) -> None:
+        if size is None or size == self.size:
+            return
+        self.size = size
+        self.need_mb = need = memory_need_mb(*size, False)
+        need_b = memory_need_mb(*size, True)
+        what = f"source sends {size[0]}x{size[1]}: the agent needs about {need:.0f} MB"
+        if need_b < cfg.ceiling_mb * cfg.soft_fraction:
+            log.info("%s (%.0f if the stream has B-frames), memory.ceiling_mb %.0f", what,
+                     need_b, cfg.ceiling_mb)
+            return
+        if need >= cfg.ceiling_mb:
+            log.error("%s, more than memory.ceiling_mb %.0f: it will exit with %d soon after "
+                      "every start. Use the camera's sub-stream (640-1280 px wide) or raise "
+                      "memory.ceiling_mb to at least %.0f", what, cfg.ceiling_mb,
+                      EXIT_MEMORY_CEILING, need_b * 1.1,
+                      extra={"ERROR_KIND": "memory_source_too_big"})
+        else:
+            log.warning("%s, %.0f MB if the stream has B-frames (its decoder then holds more "
+                        "frames), against memory.ceiling_mb %.0f. If it reaches the ceiling, use "
+                        "the camera's sub-stream (640-1280 px wide), turn B-frames off in its "
+                        "encoder settings, or raise memory.ceiling_mb to at least %.0f; scaling "
+                        "frames (source.max_width) cannot shrink the decoder", what, need_b,
+                        cfg.ceiling_mb, need_b * 1.1)
 
 
 class LoopStats:
@@ -141,10 +208,15 @@ class CeilingExits:
     def looping(self) -> bool:
         return sum(e.get("uptime_s", 0.0) < _EXITS_EARLY_S for e in self.exits) >= _EXITS_LOOP
 
-    def record(self, uptime_s: float, rss_mb: float) -> None:
-        """Written at exit; a failure to write only loses the diagnosis, never the exit."""
-        self.exits = [*self.exits, {"ts": round(time.time(), 1), "uptime_s": round(uptime_s, 1),
-                                    "rss_mb": round(rss_mb, 1)}][-_EXITS_MAX:]
+    def record(self, uptime_s: float, rss_mb: float, fit: SourceFit | None = None) -> None:
+        """Written at exit, with the source's size and estimate when known; a failure to write
+        only loses the diagnosis, never the exit."""
+        exit_: dict[str, float] = {"ts": round(time.time(), 1), "uptime_s": round(uptime_s, 1),
+                                   "rss_mb": round(rss_mb, 1)}
+        if fit is not None and fit.size is not None and fit.need_mb is not None:
+            exit_.update(width=fit.size[0], height=fit.size[1], need_mb=round(fit.need_mb, 1),
+                         need_b_frames_mb=round(memory_need_mb(*fit.size, True), 1))
+        self.exits = [*self.exits, exit_][-_EXITS_MAX:]
         tmp = self.path + ".tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -156,16 +228,24 @@ class CeilingExits:
 
 def adapt_to_exits(cfg: Config, exits: CeilingExits) -> Config:
     """After repeated ceiling exits soon after start, say why and start smaller: frames at most
-    640 px wide, which is safe (the detector works at 320 px) and halves the frame memory."""
+    640 px wide, which is safe (the detector works at 320 px). That saves the frames' memory,
+    not the decoder's: at 4K only ~4 MB, so the log says what the source needs when known."""
     if not exits.looping:
         return cfg
     last = exits.exits[-1]
     width = min(cfg.source.max_width or _SAFE_WIDTH, _SAFE_WIDTH)
+    try:
+        source = (f" The source sends {last['width']:.0f}x{last['height']:.0f}: the agent needs "
+                  f"about {last['need_mb']:.0f} MB for it, {last['need_b_frames_mb']:.0f} if "
+                  "the stream allows B-frames, mostly its decoder, which smaller frames do not "
+                  "shrink.")
+    except (KeyError, TypeError, ValueError):  # recorded before the source was known
+        source = ""
     log.error("memory ceiling: %d exits in the last hour, soon after start (last: rss "
-              "%.0f MB >= memory.ceiling_mb %.0f): the source is too big for this ceiling. Use "
-              "the camera's sub-stream, set source.max_width, or raise memory.ceiling_mb. "
-              "Starting with frames scaled to %d px wide.", len(exits.exits),
-              last.get("rss_mb", 0.0), cfg.memory.ceiling_mb, width,
+              "%.0f MB >= memory.ceiling_mb %.0f): the source is too big for this ceiling.%s "
+              "Use the camera's sub-stream, turn off its B-frames, set source.max_width if it is "
+              "off, or raise memory.ceiling_mb. Starting with frames scaled to %d px wide.",
+              len(exits.exits), last.get("rss_mb", 0.0), cfg.memory.ceiling_mb, source, width,
               extra={"ERROR_KIND": "memory_ceiling_loop"})
     return dataclasses.replace(cfg, source=dataclasses.replace(cfg.source, max_width=width))
 

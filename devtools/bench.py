@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import cv2
 
 from devtools import assets, scenario
 from edge_agent import config
-from edge_agent.capture import open_source
+from edge_agent.capture import Frame, FrameSource, open_source
 
 # ungated: the agent without its motion gate; uncropped: with it, but never detecting on crops
 MODES = ("decode", "agent", "naive", "ungated", "uncropped")
@@ -101,14 +102,12 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     events: list[dict[str, Any]] = []
     step: Any = None
     pipe: Any = None
-    finish: Any = None
-    stats: Any = None
     if mode == "uncropped":
         cfg = dataclasses.replace(cfg, detect=dataclasses.replace(
             cfg.detect, motion=dataclasses.replace(cfg.detect.motion, crop=False)))
     if mode in ("agent", "ungated", "uncropped"):
         pipe = Pipeline(cfg, events.append, "bench")
-        step, finish, stats = pipe.step, pipe.finish, pipe.stats
+        step = pipe.step
     elif mode == "naive":
         detector = make_detector(dataclasses.replace(cfg.detect, width=1 << 16), models_dir)
         classifier = FaceClassifier(f"{models_dir}/{GENDER_FILE}", f"{models_dir}/{AGE_FILE}")
@@ -121,19 +120,14 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     frames = 0
     private = _private_mb()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    while True:
-        frame = source.read(5.0)
-        if frame is None:
-            if source.finished:
-                break
-            continue
+    for frame in each_frame(source):
         frames += 1
         if step is not None:
             step(frame)
         if frames % 10 == 0:
             private = max(private, _private_mb())
-    if finish is not None:
-        finish()
+    if pipe is not None:
+        pipe.finish()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     source.close()
     out: dict[str, Any] = {
@@ -142,15 +136,26 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
         "peak_rss_mb": _peak_rss_mb(),
         "peak_private_mb": private,
     }
-    if stats is not None:
-        out["detector_runs"], out["detector_skipped"] = stats.detections, stats.detect_skipped
+    if pipe is not None:
+        out["detector_runs"] = pipe.stats.detections
+        out["detector_skipped"] = pipe.stats.detect_skipped
         out["detector_cropped"] = pipe.detect_cropped
     truth = Path(clip + ".json")
-    if step is not None and finish is not None and truth.exists():
+    if pipe is not None and truth.exists():
         scn = scenario.Scenario.load(truth)
         out["score"] = scenario.evaluate(scn, [_in_source_pixels(e, scn.width)
                                                for e in events]).summary()
     return out
+
+
+def each_frame(source: FrameSource) -> Iterator[Frame]:
+    """Every frame of a file source, waiting out slow reads, until it has delivered its last."""
+    while True:
+        frame = source.read(5.0)
+        if frame is not None:
+            yield frame
+        elif source.finished:
+            return
 
 
 def _private_mb() -> float:

@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from devtools import scenario
+from devtools.bench import each_frame
 from edge_agent import config
 from edge_agent.capture import open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, _expected_age
@@ -64,12 +65,7 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
     pipe.totals.tick = timed_tick  # type: ignore[method-assign]
     source = open_source(cfg.source)
     frames = 0
-    while True:
-        frame = source.read(5.0)
-        if frame is None:
-            if source.finished:
-                break
-            continue
+    for frame in each_frame(source):
         frames += 1
         pipe.step(frame)
     pipe.finish()

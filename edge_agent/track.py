@@ -426,9 +426,17 @@ class _Flow:
             if g.sum() < _FLOW_MIN_PTS:
                 out.append(None)
                 continue
-            dx, dy = (np.median(p1[k, g] - p0[k, g], 0) / s).tolist()
+            dx, dy = (_median(p1[k, g] - p0[k, g]) / s).tolist()
             out.append((x + w / 2 + dx, y + h / 2 + dy))
         return out
+
+
+def _median(rows: np.ndarray) -> np.ndarray:
+    """Per-column median, as np.median gives it: np.median imports numpy.ma on first use (1.3 MB
+    of RSS) and costs 0.15 ms a call."""
+    s = np.sort(rows, 0)
+    n = len(s)
+    return (s[(n - 1) // 2] + s[n // 2]) / 2
 
 
 def _leaving_box(t: Track, box: Box, shape: tuple[int, ...]) -> Box:

@@ -13,7 +13,7 @@ import pytest
 from edge_agent.capture import Frame
 from edge_agent.config import TrackConfig
 from edge_agent.detect import Detection
-from edge_agent.track import Track, Tracker, _hungarian
+from edge_agent.track import Track, Tracker, _hungarian, _median
 
 FPS = 25.0
 EVERY = 5
@@ -376,3 +376,9 @@ def test_door_scene_keeps_one_person_per_track(faces_dir: Path, models_dir: Path
     assert score.duplicates == 0 and score.false_tracks == 0, score.summary()
     assert score.line_error == 0, score.summary()
 
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_flow_median_is_numpys(n: int) -> None:
+    rows = np.random.default_rng(n).normal(0, 3, (n, 2)).astype(np.float32)
+    assert np.allclose(_median(rows), np.median(rows, 0))

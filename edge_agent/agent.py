@@ -26,6 +26,7 @@ from edge_agent.health import (
     LoopStats,
     Memory,
     MemoryGuard,
+    PaceWatch,
     adapt_to_exits,
 )
 from edge_agent.motion import MotionGate, focus
@@ -238,6 +239,7 @@ class Agent:
         self.totals.publish()
         self.publisher.set_discovery_lines([ln.name for ln in cfg.count.lines])
         self.memory = MemoryGuard(cfg.memory)
+        self.pace = PaceWatch()
         self.metrics = metrics.Textfile(cfg.metrics.textfile) if cfg.metrics.textfile else None
         self.network_restarts = 0  # in a row, without a connect in between
 
@@ -281,7 +283,8 @@ class Agent:
                      extra={"TRACK": event["track_id"], "EVENT": event["type"], "SEQ": seq})
 
     def snapshot(self) -> dict[str, Any]:
-        return snapshot(self.pipe, self.source, self.memory, self.publisher, self.spool)
+        return snapshot(self.pipe, self.source, self.memory, self.pace, self.publisher,
+                        self.spool)
 
     def publish_state(self) -> None:
         """`T/state`, and the same figures into `metrics.textfile` if there is one."""
@@ -336,6 +339,7 @@ class Agent:
             undo.pop_all()
         if new_source or new_pipe:
             self.pipe.finish()  # a new camera or new models: tracks cannot carry over
+            self.pace = PaceWatch()  # and their pace is judged afresh
         if new_pipe:
             for name in ("stats", "lost_events"):
                 setattr(pipe, name, getattr(self.pipe, name))
@@ -405,6 +409,8 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
         else:
             pipe.stalled(time.monotonic())
         now = time.monotonic()
+        agent.pace.check(now, None if frame is None else frame.index, source.paced_fps,
+                         source.size)
         agent.memory.fit.check(source.size, cfg.memory)
         level = agent.memory.check(now)
         if level is Memory.CEILING:
@@ -452,14 +458,16 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
     return code
 
 
-def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, publisher: Publisher,
-             spool: Spool) -> dict[str, Any]:
+def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, pace: PaceWatch,
+             publisher: Publisher, spool: Spool) -> dict[str, Any]:
     """The retained `T/state` health report."""
     s = pipe.stats
     return {
         "ts": round(time.time(), 3),
         "uptime_s": round(s.uptime(), 1),
         "fps": round(s.fps, 2),
+        "source_fps": None if source.paced_fps is None else round(source.paced_fps, 2),
+        "pace": pace.state.value,
         "frames": s.frames,
         "detect_ms": round(s.detect_ms, 2),
         "detect_skipped": s.detect_skipped,

@@ -32,6 +32,7 @@ _T = TypeVar("_T")
 _MAX_STUCK_READERS = 3  # abandoned reader threads still inside a capture call, at most
 _ABANDON_GRACE_S = 0.5  # past a call's own timeout, before it is given up on
 _MAX_SKIP_S = 2.0
+_MAX_PACED_FPS = 240.0  # a device or stream claiming more is not believed
 # FFmpeg decodes with one thread: its default (one per core, plus one) cost more CPU per frame
 # (synchronisation) and holds a frame per thread; see docs/performance.md.
 DECODER_THREADS = 1
@@ -58,6 +59,9 @@ class FrameSource(Protocol):
     reconnects: int  # times a stream was lost after delivering frames
     last_error: str | None  # why it was last lost, for health reports
     size: tuple[int, int] | None  # what the source sends (before source.max_width), once known
+    # The rate frames come at whether or not they are taken (None: unknown, or a file read as
+    # fast as possible): what the agent must keep up with.
+    paced_fps: float | None
 
     @property
     def state(self) -> str:
@@ -116,6 +120,7 @@ class FileSource:
         self._grabbed = True
         fps = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if math.isfinite(fps) and 0 < fps <= 1000 else cfg.fps or 25.0
+        self.paced_fps = self.fps if cfg.realtime else None
         self._index = 0
         self._finished = False
         self._start_wall = 0.0
@@ -229,6 +234,7 @@ class _LiveSource:
         self.reconnects = 0  # times the stream was lost after it had delivered frames
         self.last_error: str | None = None
         self.size: tuple[int, int] | None = None
+        self.paced_fps: float | None = None
         self._state = "connecting"
         self._slot: Frame | None = None
         self._count = first_index
@@ -365,6 +371,7 @@ class _LiveSource:
                 return delivered, "stream ended or read failed"
             if not delivered:
                 self.size = (image.shape[1], image.shape[0])
+                self.paced_fps = self._paced_fps(cap)
                 log_size(self.uri, *self.size, self.cfg.max_width)
             small = fit_width(image, self.cfg.max_width)
             buf, image = (image if small is not image else None), small  # reuse what was scaled
@@ -379,6 +386,11 @@ class _LiveSource:
                     self._state = "open"
                 self._cond.notify_all()
         return delivered, "closed"
+
+    def _paced_fps(self, cap: cv2.VideoCapture) -> float | None:
+        """The frame rate the device or stream says it sends, if it can be believed."""
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        return fps if math.isfinite(fps) and 0 < fps <= _MAX_PACED_FPS else None
 
     def _failed(self, error: str) -> None:
         with self._cond:
@@ -428,6 +440,12 @@ class StreamSource(_LiveSource):
     def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", FFMPEG_CAPTURE_OPTIONS)
         super().__init__(cfg, first_index)
+
+    def _paced_fps(self, cap: cv2.VideoCapture) -> float | None:
+        """RTSP states its rate; an MJPEG stream over HTTP has none (FFmpeg reports a guess)."""
+        if urlsplit(self.cfg.uri).scheme.lower().startswith("http"):
+            return None
+        return super()._paced_fps(cap)
 
     def _open(self) -> cv2.VideoCapture:
         params = [

@@ -1,4 +1,5 @@
-"""The agent watching itself: resident memory against a ceiling, and loop statistics."""
+"""The agent watching itself: resident memory against a ceiling, whether it keeps up with the
+camera, and loop statistics."""
 
 from __future__ import annotations
 
@@ -132,6 +133,81 @@ class SourceFit:
                         "encoder settings, or raise memory.ceiling_mb to at least %.0f; scaling "
                         "frames (source.max_width) cannot shrink the decoder", what, need_b,
                         cfg.ceiling_mb, need_b * 1.1)
+
+
+class Pace(Enum):
+    OK = "ok"
+    BEHIND = "behind"
+
+
+PACE_WINDOW_S = 10.0  # frame rates are judged over windows this long
+_BEHIND_SHARE = 0.5  # processing less than this share of what the camera sends: behind
+_CAUGHT_UP_SHARE = 0.7  # ... and at least this share again: caught up (no flapping)
+_DECODE_SHARE = 0.8  # the source handed over less than this share of its rate: decoding is slow
+
+
+class PaceWatch:
+    """Does the agent keep up with the camera on this machine's CPU? A live source keeps only
+    its newest frame and a realtime file skips what is late, so a slow agent silently works on
+    a fraction of the frames: tracks then jump, and fast faces are missed or counted twice.
+
+    Over each window of `window_s` with frames coming (a window with a stalled read is not
+    judged) it compares the frames processed with the larger of what the source handed over
+    (frame indices count skipped frames too) and the rate it says it sends (`paced_fps`).
+    Below half, it says so once, with the figures and what to do; at 70 % again, that it
+    caught up. A file read as fast as possible (`paced_fps` None) can never be behind."""
+
+    def __init__(self, window_s: float = PACE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.state = Pace.OK
+        self.share: float | None = None  # of the last judged window
+        self._start: float | None = None
+        self._first = self._last = self._steps = 0
+        self._stalled = False
+
+    def check(self, now: float, index: int | None, paced_fps: float | None,
+              size: tuple[int, int] | None) -> Pace:
+        """Each loop turn: `index` of the frame processed, or None if the read timed out."""
+        if index is None:
+            self._stalled = True
+        elif self._start is None:
+            self._restart(now, index)
+        else:
+            self._steps += 1
+            self._last = index
+        if self._start is not None and now - self._start >= self.window_s:
+            if not self._stalled and self._steps:
+                self._judge(now - self._start, paced_fps, size)
+            self._start = None
+            self._stalled = False
+        return self.state
+
+    def _restart(self, now: float, index: int) -> None:
+        self._start, self._first, self._last, self._steps = now, index, index, 0
+
+    def _judge(self, elapsed: float, paced_fps: float | None,
+               size: tuple[int, int] | None) -> None:
+        processed = self._steps / elapsed
+        delivered = (self._last - self._first) / elapsed
+        sent = max(delivered, paced_fps or 0.0)
+        self.share = share = processed / sent if sent > 0 else 1.0
+        if self.state is Pace.OK and share < _BEHIND_SHARE:
+            self.state = Pace.BEHIND
+            what = f"{size[0]}x{size[1]} " if size else ""
+            if paced_fps and delivered < _DECODE_SHARE * paced_fps:
+                why = (f"the source sends {what}at {paced_fps:.1f} fps, but only "
+                       f"{delivered:.1f} fps could be decoded and {processed:.1f} processed "
+                       "on this machine's CPU")
+            else:
+                why = (f"the agent processes {processed:.1f} of the {sent:.1f} fps the source "
+                       f"sends {what}on this machine's CPU")
+            log.warning("%s: tracks jump between the frames it sees, and fast faces may be "
+                        "missed or counted twice. Use the camera's sub-stream (640-1280 px "
+                        "wide) or lower its frame rate, or raise detect.every_n_frames", why,
+                        extra={"ERROR_KIND": "cpu"})
+        elif self.state is Pace.BEHIND and share >= _CAUGHT_UP_SHARE:
+            self.state = Pace.OK
+            log.info("keeping up again: %.1f of %.1f fps processed", processed, sent)
 
 
 class LoopStats:

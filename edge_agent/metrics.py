@@ -20,7 +20,7 @@ PREFIX = "edge_agent_"
 COUNTERS = frozenset({"frames", "memory_sheds", "source_reconnects", "spool_dropped",
                       "events_lost", "reconnects"})
 # Text states, exported as one series per state with the value 1.
-STATES = ("source", "broker", "memory")
+STATES = ("source", "broker", "memory", "pace")
 
 
 def _label(value: str) -> str:

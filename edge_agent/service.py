@@ -115,7 +115,10 @@ def status_line(state: Mapping[str, Any]) -> str:
     source = state["source"]
     if source != "open" and state.get("source_error"):
         source += f" ({state['source_error']})"
-    return (f"{state['fps']:.1f} fps, {state['tracks']} faces, rss {state['rss_mb']:.0f} MB, "
+    fps = f"{state['fps']:.1f} fps"
+    if state.get("pace") == "behind":
+        fps += f" of {state['source_fps']:.0f} (behind)" if state.get("source_fps") else " (behind)"
+    return (f"{fps}, {state['tracks']} faces, rss {state['rss_mb']:.0f} MB, "
             f"source {source}, broker {state['broker']}, spool {state['spool_depth']}")
 
 

@@ -160,6 +160,8 @@ def test_status_line_summarises_the_state() -> None:
              "source_error": "no frame for 2.0 s", "broker": "connected", "spool_depth": 3}
     assert service.status_line(state) == ("15.0 fps, 2 faces, rss 61 MB, source reconnecting "
                                            "(no frame for 2.0 s), broker connected, spool 3")
+    behind = state | {"fps": 6.2, "source": "open", "pace": "behind", "source_fps": 25.0}
+    assert service.status_line(behind).startswith("6.2 fps of 25 (behind), 2 faces")
 
 
 def _parse_journal_datagram(data: bytes) -> dict[str, str]:

@@ -339,7 +339,7 @@ class Agent:
             undo.pop_all()
         if new_source or new_pipe:
             self.pipe.finish()  # a new camera or new models: tracks cannot carry over
-            self.pace = PaceWatch()  # and their pace is judged afresh
+            self.pace.restart()  # and their pace is judged afresh
         if new_pipe:
             for name in ("stats", "lost_events"):
                 setattr(pipe, name, getattr(self.pipe, name))
@@ -409,8 +409,7 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
         else:
             pipe.stalled(time.monotonic())
         now = time.monotonic()
-        agent.pace.check(now, None if frame is None else frame.index, source.paced_fps,
-                         source.size)
+        agent.pace.check(now, frame, source)
         agent.memory.fit.check(source.size, cfg.memory)
         level = agent.memory.check(now)
         if level is Memory.CEILING:
@@ -466,8 +465,9 @@ def snapshot(pipe: Pipeline, source: FrameSource, memory: MemoryGuard, pace: Pac
         "ts": round(time.time(), 3),
         "uptime_s": round(s.uptime(), 1),
         "fps": round(s.fps, 2),
-        "source_fps": None if source.paced_fps is None else round(source.paced_fps, 2),
         "pace": pace.state.value,
+        "pace_share": None if pace.share is None else round(pace.share, 3),
+        "source_fps": None if pace.source_fps is None else round(pace.source_fps, 2),
         "frames": s.frames,
         "detect_ms": round(s.detect_ms, 2),
         "detect_skipped": s.detect_skipped,

@@ -32,7 +32,6 @@ _T = TypeVar("_T")
 _MAX_STUCK_READERS = 3  # abandoned reader threads still inside a capture call, at most
 _ABANDON_GRACE_S = 0.5  # past a call's own timeout, before it is given up on
 _MAX_SKIP_S = 2.0
-_MAX_PACED_FPS = 240.0  # a device or stream claiming more is not believed
 # FFmpeg decodes with one thread: its default (one per core, plus one) cost more CPU per frame
 # (synchronisation) and holds a frame per thread; see docs/performance.md.
 DECODER_THREADS = 1
@@ -45,6 +44,9 @@ class Frame:
     index: int  # docs/contract.md `frame`: file position (counting on across loops) or live counter
     ts: float  # Unix time of the frame, for events
     mono: float  # monotonic seconds, for durations: immune to the wall clock being set
+    # A live stream's own timestamp, seconds (None for files): it falls behind the wall clock
+    # when decoding is slower than the camera.
+    stream_s: float | None = None
 
 
 class FrameSource(Protocol):
@@ -59,9 +61,7 @@ class FrameSource(Protocol):
     reconnects: int  # times a stream was lost after delivering frames
     last_error: str | None  # why it was last lost, for health reports
     size: tuple[int, int] | None  # what the source sends (before source.max_width), once known
-    # The rate frames come at whether or not they are taken (None: unknown, or a file read as
-    # fast as possible): what the agent must keep up with.
-    paced_fps: float | None
+    paced_fps: float | None  # a realtime file's rate, exact; None: live, or as fast as read
 
     @property
     def state(self) -> str:
@@ -228,6 +228,8 @@ class _LiveSource:
     _MAX_STUCK_READERS threads still stuck the state is 'hung' until one of them comes back.
     """
 
+    has_clock = True  # frames carry the device's or stream's own timestamps
+
     def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         self.cfg = cfg
         self.uri = redact(cfg.uri)
@@ -369,16 +371,18 @@ class _LiveSource:
                 return delivered, f"no frame for {waited:.1f} s"
             if not ok or image is None:
                 return delivered, "stream ended or read failed"
-            if not delivered:
-                self.size = (image.shape[1], image.shape[0])
-                self.paced_fps = self._paced_fps(cap)
-                log_size(self.uri, *self.size, self.cfg.max_width)
+            size = (image.shape[1], image.shape[0])
+            pos = cap.get(cv2.CAP_PROP_POS_MSEC) if self.has_clock else -1.0
+            clock = pos / 1000 if math.isfinite(pos) and pos >= 0 else None
             small = fit_width(image, self.cfg.max_width)
             buf, image = (image if small is not image else None), small  # reuse what was scaled
             with self._cond:
                 if not self._current(gen):
                     break
-                self._slot = Frame(image, self._count, time.time(), time.monotonic())
+                if not delivered:  # an abandoned reader that came back must not set it
+                    self.size = size
+                    log_size(self.uri, *size, self.cfg.max_width)
+                self._slot = Frame(image, self._count, time.time(), time.monotonic(), clock)
                 self._count += 1
                 delivered = True
                 if self._state != "open":
@@ -386,11 +390,6 @@ class _LiveSource:
                     self._state = "open"
                 self._cond.notify_all()
         return delivered, "closed"
-
-    def _paced_fps(self, cap: cv2.VideoCapture) -> float | None:
-        """The frame rate the device or stream says it sends, if it can be believed."""
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        return fps if math.isfinite(fps) and 0 < fps <= _MAX_PACED_FPS else None
 
     def _failed(self, error: str) -> None:
         with self._cond:
@@ -439,13 +438,9 @@ class StreamSource(_LiveSource):
 
     def __init__(self, cfg: SourceConfig, first_index: int = 0) -> None:
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", FFMPEG_CAPTURE_OPTIONS)
+        # MJPEG over HTTP has no timestamps: FFmpeg numbers its frames at a guessed 25 fps
+        self.has_clock = not urlsplit(cfg.uri).scheme.lower().startswith("http")
         super().__init__(cfg, first_index)
-
-    def _paced_fps(self, cap: cv2.VideoCapture) -> float | None:
-        """RTSP states its rate; an MJPEG stream over HTTP has none (FFmpeg reports a guess)."""
-        if urlsplit(self.cfg.uri).scheme.lower().startswith("http"):
-            return None
-        return super()._paced_fps(cap)
 
     def _open(self) -> cv2.VideoCapture:
         params = [

@@ -10,8 +10,12 @@ import logging
 import os
 import time
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from edge_agent.config import Config, MemoryConfig
+
+if TYPE_CHECKING:
+    from edge_agent.capture import Frame, FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -143,61 +147,70 @@ class Pace(Enum):
 PACE_WINDOW_S = 10.0  # frame rates are judged over windows this long
 _BEHIND_SHARE = 0.5  # processing less than this share of what the camera sends: behind
 _CAUGHT_UP_SHARE = 0.7  # ... and at least this share again: caught up (no flapping)
-_DECODE_SHARE = 0.8  # the source handed over less than this share of its rate: decoding is slow
+_DECODE_SHARE = 0.8  # frames decoded at less than this share of the camera's rate: decode-bound
 
 
 class PaceWatch:
     """Does the agent keep up with the camera on this machine's CPU? A live source keeps only
     its newest frame and a realtime file skips what is late, so a slow agent silently works on
-    a fraction of the frames: tracks then jump, and fast faces are missed or counted twice.
+    a fraction of the frames: tracks jump, fast faces are missed or counted twice.
 
-    Over each window of `window_s` with frames coming (a window with a stalled read is not
-    judged) it compares the frames processed with the larger of what the source handed over
-    (frame indices count skipped frames too) and the rate it says it sends (`paced_fps`).
-    Below half, it says so once, with the figures and what to do; at 70 % again, that it
-    caught up. A file read as fast as possible (`paced_fps` None) can never be behind."""
+    What the camera sends is measured, not taken from the rate a device or stream states (a
+    webcam in low light sends fewer frames; FFmpeg may guess an RTSP rate twice too high): a
+    live stream's own clock shows whether decoding keeps up with it, frame indices count what
+    was handed over, taken or skipped. A realtime file's rate is exact."""
 
     def __init__(self, window_s: float = PACE_WINDOW_S) -> None:
         self.window_s = window_s
         self.state = Pace.OK
-        self.share: float | None = None  # of the last judged window
+        self.share: float | None = None  # of the camera's frames processed, last judged window
+        self.source_fps: float | None = None  # what the camera sent then, frames per second
         self._start: float | None = None
         self._first = self._last = self._steps = 0
-        self._stalled = False
+        self._clock0: float | None = None
+        self._clock: float | None = None
+        self._reconnects = 0
 
-    def check(self, now: float, index: int | None, paced_fps: float | None,
-              size: tuple[int, int] | None) -> Pace:
-        """Each loop turn: `index` of the frame processed, or None if the read timed out."""
-        if index is None:
-            self._stalled = True
-        elif self._start is None:
-            self._restart(now, index)
-        else:
-            self._steps += 1
-            self._last = index
-        if self._start is not None and now - self._start >= self.window_s:
-            if not self._stalled and self._steps:
-                self._judge(now - self._start, paced_fps, size)
+    def restart(self) -> None:
+        """A new source or pipeline: judge from the next frame on, keeping what was said."""
+        self._start = None
+
+    def check(self, now: float, frame: Frame | None, source: FrameSource) -> None:
+        """Each loop turn, with the frame processed (None if the read timed out)."""
+        if self._start is not None and (source.state != "open"
+                                        or source.reconnects != self._reconnects):
+            self._start = None  # a stall or a reconnect is not the CPU's doing
+        if frame is None:
+            return
+        if self._start is None:
+            self._start, self._first, self._last, self._steps = now, frame.index, frame.index, 0
+            self._clock0 = self._clock = frame.stream_s
+            self._reconnects = source.reconnects
+            return
+        self._steps += 1
+        self._last, self._clock = frame.index, frame.stream_s
+        if now - self._start >= self.window_s:
+            self._judge(now - self._start, source.paced_fps, source.size)
             self._start = None
-            self._stalled = False
-        return self.state
-
-    def _restart(self, now: float, index: int) -> None:
-        self._start, self._first, self._last, self._steps = now, index, index, 0
 
     def _judge(self, elapsed: float, paced_fps: float | None,
                size: tuple[int, int] | None) -> None:
         processed = self._steps / elapsed
         delivered = (self._last - self._first) / elapsed
-        sent = max(delivered, paced_fps or 0.0)
+        if self._clock0 is not None and self._clock is not None and self._clock > self._clock0:
+            decoded = min(1.0, (self._clock - self._clock0) / elapsed)  # stream s per wall s
+            sent = delivered / decoded
+        else:
+            sent = max(delivered, paced_fps or 0.0)
+            decoded = delivered / sent if sent > 0 else 1.0
         self.share = share = processed / sent if sent > 0 else 1.0
+        self.source_fps = sent
         if self.state is Pace.OK and share < _BEHIND_SHARE:
             self.state = Pace.BEHIND
             what = f"{size[0]}x{size[1]} " if size else ""
-            if paced_fps and delivered < _DECODE_SHARE * paced_fps:
-                why = (f"the source sends {what}at {paced_fps:.1f} fps, but only "
-                       f"{delivered:.1f} fps could be decoded and {processed:.1f} processed "
-                       "on this machine's CPU")
+            if decoded < _DECODE_SHARE:
+                why = (f"the source sends {what}at {sent:.1f} fps, but only {delivered:.1f} "
+                       f"fps could be decoded and {processed:.1f} processed on this machine's CPU")
             else:
                 why = (f"the agent processes {processed:.1f} of the {sent:.1f} fps the source "
                        f"sends {what}on this machine's CPU")

@@ -243,6 +243,10 @@ def test_rtsp_stream_recovers_after_the_server_restarts(tmp_path: Path) -> None:
         codes = [code(f.image) for f in before]
         assert all(b > a for a, b in itertools.pairwise(codes)), codes
         assert abs(before[-1].ts - time.time()) < 0.5
+        clock = [f.stream_s for f in before]  # the stream's own time: 1/15 s a frame
+        assert None not in clock
+        assert clock[-1] - clock[0] == pytest.approx((before[-1].index - before[0].index) / 15,
+                                                     rel=0.1), clock
 
         assert server.stop() == 0, "rtsp_server.py should exit 0 on SIGTERM"
         assert wait_until(lambda: src.state == "reconnecting", 5.0), src.state
@@ -331,6 +335,7 @@ def test_mjpeg_over_http_delivers_only_the_newest_frame(mjpeg: MjpegServer) -> N
         assert len(frames) >= 10, f"{len(frames)} frames in 1 s of a 25 fps stream"
         assert src.state == "open"
         assert frames[0].image.shape == (H, W, 3)
+        assert {f.stream_s for f in frames} == {None}, "MJPEG has no clock of its own"
         codes = [code(f.image) for f in frames]
         assert all(b > a for a, b in itertools.pairwise(codes)), codes
 

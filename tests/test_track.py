@@ -377,7 +377,6 @@ def test_door_scene_keeps_one_person_per_track(faces_dir: Path, models_dir: Path
     assert score.line_error == 0, score.summary()
 
 
-
 @pytest.mark.parametrize("n", [1, 2, 5, 16])
 def test_flow_median_is_numpys(n: int) -> None:
     rows = np.random.default_rng(n).normal(0, 3, (n, 2)).astype(np.float32)

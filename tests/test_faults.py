@@ -362,6 +362,9 @@ class FakeCapture:
     def read(self) -> tuple[bool, np.ndarray | None]:
         return self.device.read()
 
+    def get(self, prop: int) -> float:
+        return -1.0  # no property, timestamps included, as a driver that offers none
+
     def release(self) -> None:
         self.device.released += 1
 

@@ -19,7 +19,8 @@ from edge_agent.config import ConfigError
 
 STATE = {"ts": 1795303763.6, "uptime_s": 12.5, "fps": 15.0, "frames": 180, "rss_mb": 101.5,
          "tracks": 2, "reconnects": 1, "source": "open", "broker": "connected",
-         "memory": "ok", "last_gender": None, "last_age_bucket": "25-34", "source_error": None}
+         "memory": "ok", "last_gender": None, "last_age_bucket": "25-34", "source_error": None,
+         "pace": "behind", "pace_share": 0.25, "source_fps": None}
 LABEL = r'"((?:[^"\\]|\\.)*)"'
 SAMPLE = re.compile(rf'^(\w+)\{{device={LABEL},camera={LABEL}(?:,state="(\w+)")?\}} (\S+)$')
 
@@ -39,7 +40,8 @@ def test_render_is_valid_exposition_format() -> None:
                        "edge_agent_fps": 15.0, "edge_agent_frames_total": 180,
                        "edge_agent_rss_mb": 101.5, "edge_agent_tracks": 2,
                        "edge_agent_reconnects_total": 1, "edge_agent_source_state/open": 1,
-                       "edge_agent_broker_state/connected": 1, "edge_agent_memory_state/ok": 1}
+                       "edge_agent_broker_state/connected": 1, "edge_agent_memory_state/ok": 1,
+                       "edge_agent_pace_state/behind": 1, "edge_agent_pace_share": 0.25}
     assert "# TYPE edge_agent_frames_total counter" in text
     assert "# TYPE edge_agent_rss_mb gauge" in text
 

@@ -39,6 +39,7 @@ SENSORS: tuple[Sensor, ...] = (
     Sensor("fps", "Frame rate", "mdi:speedometer", "fps", "measurement", diagnostic=True),
     Sensor("rss_mb", "Memory (RSS)", "mdi:memory", "MiB", "measurement", "data_size",
            diagnostic=True),
+    Sensor("pace", "Keeping up", "mdi:speedometer-slow", diagnostic=True),  # ok / behind
 )
 
 

@@ -198,7 +198,7 @@ def test_broker_outage_mid_run_loses_nothing(tmp_path: Path, broker: Broker, mod
     assert col.status.count("online") == 2, col.status  # again after the reconnect
     assert col.state["reconnects"] == 1 and col.state["spool_dropped"] == 0
     assert sorted(col.configs) == sorted(f"{HA}/sensor/test-pi/{k}/config" for k in (
-        "tracks", "people_today", "last_gender", "last_age", "fps", "rss_mb"))
+        "tracks", "people_today", "last_gender", "last_age", "fps", "rss_mb", "pace"))
     for c in col.configs.values():  # every sensor reads a field the state really has
         field = re.fullmatch(r"\{\{ value_json\.(\w+) \}\}", c["value_template"])
         assert field and field[1] in col.state, (c, sorted(col.state))

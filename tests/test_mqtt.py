@@ -428,13 +428,13 @@ def test_discovery_on_connect_and_when_home_assistant_comes_online(broker,
     other.connect("127.0.0.1", broker.port)
     other.loop_start()
     try:
-        assert wait_for(lambda: len(configs()) == 6, 5), [m.topic for m in sub.msgs]
+        assert wait_for(lambda: len(configs()) == 7, 5), [m.topic for m in sub.msgs]
         assert wait_for(lambda: sub.payloads("status") == ["online"], 5)
         topics = sorted(m.topic for m in configs())
         assert topics == sorted(f"{ha}/sensor/dev_1/{k}/config" for k in (
-            "tracks", "people_today", "last_gender", "last_age", "fps", "rss_mb"))
+            "tracks", "people_today", "last_gender", "last_age", "fps", "rss_mb", "pace"))
         docs = [json.loads(m.payload) for m in configs()]
-        assert len({d["unique_id"] for d in docs}) == 6
+        assert len({d["unique_id"] for d in docs}) == 7
         for d in docs:
             key = d["unique_id"].removeprefix("edge_agent_dev_1_")
             assert d["value_template"] == f"{{{{ value_json.{key} }}}}"
@@ -442,27 +442,27 @@ def test_discovery_on_connect_and_when_home_assistant_comes_online(broker,
             assert (d["payload_available"], d["payload_not_available"]) == ("online", "offline")
             assert d["device"]["identifiers"] == ["edge_agent_dev_1"] and d["name"]
         late = Sub(broker.port, topics=(f"{ha}/#",))  # retained for a Home Assistant that
-        assert wait_for(lambda: len(late.msgs) == 6, 5)  # subscribes later
+        assert wait_for(lambda: len(late.msgs) == 7, 5)  # subscribes later
         late.close()
 
         other.publish(f"{ha}/status", "offline", qos=1).wait_for_publish(5)
         time.sleep(0.5)
-        assert len(configs()) == 6
+        assert len(configs()) == 7
         other.publish(f"{ha}/status", "online", qos=1).wait_for_publish(5)
-        assert wait_for(lambda: len(configs()) == 12, 5)
+        assert wait_for(lambda: len(configs()) == 14, 5)
         other.publish(f"{ha}/status", "online", qos=1, retain=True).wait_for_publish(5)
-        assert wait_for(lambda: len(configs()) == 18, 5)
+        assert wait_for(lambda: len(configs()) == 21, 5)
         pub.stop()
         pub = Publisher(MqttConfig(port=broker.port), T, spool, device_id="dev.1")
-        assert wait_for(lambda: len(configs()) == 24, 5)  # on connect
+        assert wait_for(lambda: len(configs()) == 28, 5)  # on connect
         time.sleep(0.5)
-        assert len(configs()) == 24  # not again for the retained `online` replayed to it
+        assert len(configs()) == 28  # not again for the retained `online` replayed to it
         pub.stop()
         pub = Publisher(MqttConfig(port=broker.port, discovery=False), T, spool)
         assert wait_for(lambda: len(sub.payloads("status")) == 5, 5)
         other.publish(f"{ha}/status", "online", qos=1).wait_for_publish(5)
         time.sleep(0.5)
-        assert len(configs()) == 24
+        assert len(configs()) == 28
     finally:
         pub.stop()
         other.loop_stop()

@@ -53,12 +53,11 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
             scn = scenario.scaled(scenario.plan(faces, people=people, seed=seed), w, h)
             clip = str(scenario.render_camera(scn, faces, Path(work) / f"scene{w}x{h}.mp4",
                                               b_frames=b_frames))
-        elif faces is not None and shutil.which("ffmpeg"):
+        elif faces is not None:
             scn = scenario.plan(faces, people=people, seed=seed)
-            clip = str(scenario.render_camera(scn, faces, Path(work) / "scene.mp4"))
-        elif faces is not None:  # no encoder: MPEG-4 part 2 without sensor noise decodes cheaper
-            scn = scenario.plan(faces, people=people, seed=seed)
-            clip = str(scenario.render(scn, faces, Path(work) / "scene.mp4"))
+            # without an encoder: MPEG-4 part 2 and no sensor noise, which decodes cheaper
+            render = scenario.render_camera if shutil.which("ffmpeg") else scenario.render
+            clip = str(render(scn, faces, Path(work) / "scene.mp4"))
         elif clip is None:
             clip = str(assets.SAMPLE_CLIP)
         print(f"clip: {clip}")

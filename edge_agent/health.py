@@ -160,8 +160,7 @@ class PaceWatch:
     live stream's own clock shows whether decoding keeps up with it, frame indices count what
     was handed over, taken or skipped. A realtime file's rate is exact."""
 
-    def __init__(self, window_s: float = PACE_WINDOW_S) -> None:
-        self.window_s = window_s
+    def __init__(self) -> None:
         self.state = Pace.OK
         self.share: float | None = None  # of the camera's frames processed, last judged window
         self.source_fps: float | None = None  # what the camera sent then, frames per second
@@ -189,7 +188,7 @@ class PaceWatch:
             return
         self._steps += 1
         self._last, self._clock = frame.index, frame.stream_s
-        if now - self._start >= self.window_s:
+        if now - self._start >= PACE_WINDOW_S:
             self._judge(now - self._start, source.paced_fps, source.size)
             self._start = None
 

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 
 from devtools import assets, scenario
-from edge_agent import config
+from edge_agent import config, openssl
 from edge_agent.capture import Frame, FrameSource, open_source
 
 # ungated: the agent without its motion gate; uncropped: with it, but never detecting on crops
@@ -87,6 +87,7 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
 
 def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, Any]:
     """One mode over every frame of the clip, in this process."""
+    openssl.keep_out()  # as `edge-agent run` does without mqtt.tls
     from edge_agent.agent import Pipeline
     from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier
     from edge_agent.detect import make_detector

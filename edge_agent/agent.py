@@ -13,7 +13,7 @@ from typing import Any
 
 import cv2
 
-from edge_agent import config, metrics, models, redact, service
+from edge_agent import config, metrics, models, openssl, redact, service
 from edge_agent.capture import Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
 from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
@@ -315,6 +315,10 @@ class Agent:
         old = self.cfg
         changed = _changed_keys(old, new)
         later = {k.split(".")[0] for k in changed} - RELOADABLE
+        if new.mqtt.tls and openssl.kept_out() and any(k.startswith("mqtt.") for k in changed):
+            log.warning("reload: mqtt.tls needs OpenSSL, which the agent left out when it "
+                        "started without TLS; mqtt.* take effect at the next start")
+            later.add("mqtt")
         if later:
             log.warning("reload: %s take effect at the next start",
                         ", ".join(sorted(k for k in changed if k.split(".")[0] in later)))

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from edge_agent import __version__, config, models, redact
+from edge_agent import __version__, config, models, openssl, redact
 
 EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
 
@@ -90,9 +90,11 @@ def _setup_logging(level: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     """SIGTERM/SIGINT stop cleanly, SIGHUP reloads the file; a watchdog's SIGABRT dumps every
     thread's stack (faulthandler) into the log, which shows where the loop hung."""
+    cfg = config.load(args.config)
+    if not cfg.mqtt.tls:
+        openssl.keep_out()
     from edge_agent import agent, service
 
-    cfg = config.load(args.config)
     service.setup_logging(cfg.log_level, {"DEVICE": cfg.device_id, "CAMERA": cfg.camera})
     redact.install()
     faulthandler.enable()

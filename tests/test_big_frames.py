@@ -25,7 +25,7 @@ from edge_agent.health import (
     memory_need_mb,
 )
 
-LIBRARY_PAGES_MB = 50  # RssFile of the agent at its 4K peak, libraries mapped as after a reboot
+LIBRARY_PAGES_MB = 46  # RssFile of the agent at its 4K peak, libraries mapped as after a reboot
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg")
 
@@ -44,7 +44,7 @@ def test_big_scene_runs_under_the_default_ceiling_with_every_face(
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["frames"] == scn.frames
     ceiling = config.MemoryConfig().ceiling_mb
-    # RSS also counts the library pages the agent maps, 49 MB of them at 4K after a reboot; right
+    # RSS also counts the library pages the agent maps, 46 MB of them at 4K after a reboot; right
     # after a fresh install (as in CI) Linux 6.18 mapped them in large folios and RSS went from
     # 188 to 242 MB on the same clip (docs/performance.md). The agent's own memory did not move.
     assert r["peak_private_mb"] + LIBRARY_PAGES_MB < ceiling
@@ -71,7 +71,7 @@ def test_ceiling_exits_soon_after_start_are_named_and_the_next_start_scales_down
     assert adapted.source.max_width == 640
     assert "sub-stream" in caplog.text and "memory.ceiling_mb" in caplog.text
     # the source is named: smaller frames do not shrink its decoder
-    assert "3840x2160: the agent needs about 188 MB for it, 236 if" in caplog.text
+    assert "3840x2160: the agent needs about 184 MB for it, 232 if" in caplog.text
     stale = CeilingExits(again.path, now=again.exits[-1]["ts"] + 7200)
     assert not stale.looping
 
@@ -91,8 +91,8 @@ def test_the_start_says_what_a_source_needs_against_the_ceiling(
         fit.check((3840, 2160), memory)  # fits without B-frames, not with them
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    for advice in ("188 MB", "236 MB if the stream has B-frames", "sub-stream", "B-frames off",
-                   "memory.ceiling_mb to at least 260"):
+    for advice in ("184 MB", "232 MB if the stream has B-frames", "sub-stream", "B-frames off",
+                   "memory.ceiling_mb to at least 255"):
         assert advice in record.getMessage()
     assert fit.need_mb == memory_need_mb(3840, 2160, False) < memory.ceiling_mb
     caplog.clear()
@@ -114,7 +114,7 @@ def test_a_source_known_to_need_more_than_the_soft_threshold_is_not_shed(
         return guard.check(0.0)
 
     assert level(None) is Memory.SHED
-    assert level(memory_need_mb(3840, 2160, False)) is Memory.OK  # 4K without B-frames: 188
+    assert level(memory_need_mb(3840, 2160, False)) is Memory.OK  # 4K without B-frames: 184
     assert level(160.0) is Memory.SHED  # grown beyond what the source needs
     # a soft threshold below what a 640x480 stream needs was set to shed early: kept
     assert level(188.0, soft_fraction=0.2) is Memory.SHED

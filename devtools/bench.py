@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,10 +32,13 @@ MODES = ("decode", "agent", "naive", "ungated", "uncropped")
 
 def main(shared: str | None, clip: str | None, people: int, seed: int, modes: list[str],
          every_n: int | None, scene: str = "busy", size: str | None = None,
-         b_frames: bool = True) -> int:
+         b_frames: bool = True, rounds: int = 1) -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         print(f"edge-agent bench: unknown mode {sorted(unknown)}; choose from {MODES}")
+        return 2
+    if rounds < 1:
+        print(f"edge-agent bench: --rounds: expected an integer >= 1, got {rounds}")
         return 2
     faces = None
     if clip is None and (shared or os.environ.get("EDGE_AGENT_SHARED")):
@@ -63,23 +67,28 @@ def main(shared: str | None, clip: str | None, people: int, seed: int, modes: li
         print(f"clip: {clip}")
         print(f"{'mode':8} {'frames':>7} {'cpu ms/frame':>13} {'fps':>8} {'peak RSS MB':>12} "
               f"{'peak private MB':>16}")
-        results = {}
-        for mode in modes:
-            out = subprocess.run(
-                [sys.executable, "-m", "devtools.bench", mode, clip, str(models_dir),
-                 str(every_n or 0)], capture_output=True, text=True, check=True)
-            r = results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} {r['fps']:>8.1f} "
-                  f"{r['peak_rss_mb']:>12.1f} {r['peak_private_mb']:>16.1f}")
-            if "detector_runs" in r:
-                print(f"         detector runs {r['detector_runs']}, skipped (nothing moved) "
-                      f"{r['detector_skipped']}, on a crop {r['detector_cropped']}")
-            if "score" in r:
-                print(f"         {r['score']}")
-    cpu = {m: r["cpu_ms_per_frame"] for m, r in results.items()}
+        runs: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                out = subprocess.run(
+                    [sys.executable, "-m", "devtools.bench", mode, clip, str(models_dir),
+                     str(every_n or 0)], capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                runs[mode].append(r["cpu_ms_per_frame"])
+                print(f"{mode:8} {r['frames']:>7} {r['cpu_ms_per_frame']:>13.2f} "
+                      f"{r['fps']:>8.1f} {r['peak_rss_mb']:>12.1f} {r['peak_private_mb']:>16.1f}")
+                if "detector_runs" in r:
+                    print(f"         detector runs {r['detector_runs']}, skipped (nothing moved) "
+                          f"{r['detector_skipped']}, on a crop {r['detector_cropped']}")
+                if "score" in r:
+                    print(f"         {r['score']}")
+    cpu = {m: statistics.median(v) for m, v in runs.items()}
+    what = f"median of {rounds} rounds, " if rounds > 1 else ""
     for m in ("agent", "ungated", "uncropped"):
         if m in cpu and "decode" in cpu:
-            print(f"{m} / decode CPU: {cpu[m] / cpu['decode']:.2f}x")
+            each = ", ".join(f"{a / d:.2f}" for a, d in zip(runs[m], runs["decode"], strict=True))
+            print(f"{m} / decode CPU: {cpu[m] / cpu['decode']:.2f}x"
+                  + (f" ({what}each round: {each})" if rounds > 1 else ""))
     if "agent" in cpu and "naive" in cpu:
         print(f"naive / agent CPU: {cpu['naive'] / cpu['agent']:.2f}x")
     return 0

@@ -114,16 +114,20 @@ class Pipeline:
         return False
 
     def _focus(self, frame: Frame) -> Box | None:
-        """With faces tracked, the detector looks only around them and at what moves, and at
-        the whole frame every `FULL_FRAME_EVERY` runs (a face that came in without moving)."""
+        """The detector looks only around tracked faces and at what moves (with nobody tracked,
+        at what made the gate open); at the whole frame every `FULL_FRAME_EVERY` runs while
+        faces are tracked (a face that came in without moving) and whenever what moved is
+        unknown."""
         tracks = self.tracker.tracks
-        if self.motion is None or not self.crop or not tracks:
-            self._crop_runs = 0
+        if self.motion is None or not self.crop:
             return None
-        self._crop_runs += 1
-        if self._crop_runs >= FULL_FRAME_EVERY:
+        if tracks:
+            self._crop_runs += 1
+            if self._crop_runs >= FULL_FRAME_EVERY:
+                self._crop_runs = 0
+                return None
+        else:
             self._crop_runs = 0
-            return None
         h, w = frame.image.shape[:2]
         region = focus([t.box for t in tracks], self.motion.regions(), w, h)
         self.detect_cropped += region is not None

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="WxH: the busy scene scaled to this size, e.g. 1920x1080")
     bench.add_argument("--no-b-frames", dest="b_frames", action="store_false",
                        help="with --size: encode I and P frames only, as IP cameras usually do")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="run the modes this many times in turn and compare their median CPU "
+                            "(single runs of the same mode can differ by 10-30 %%)")
     bench.set_defaults(func=_bench)
     return p
 
@@ -223,4 +226,4 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     bench = _devtool("bench")
     return bench.main(args.shared, args.clip, args.people, args.seed, args.modes.split(","),
-                      args.every_n, args.scene, args.size, args.b_frames)
+                      args.every_n, args.scene, args.size, args.b_frames, args.rounds)

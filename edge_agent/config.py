@@ -472,4 +472,4 @@ class MotionConfig:
     width: int = _opt(160, min=32, max=640)  # grey copy compared with the background, px
     threshold: float = _opt(20.0, min=1.0, max=255.0)  # grey levels a pixel must change by
     min_area: float = _opt(0.002, min=0.0, max=1.0)  # fraction of the picture that must change
-    crop: bool = True  # with faces tracked, detect around them and what moves (full every 5th)
+    crop: bool = True  # detect around tracked faces and what moves (tracked: full every 5th)

@@ -36,9 +36,9 @@ _MAX_SHARE = 0.5  # a region larger than this share of the frame: look at all of
 
 
 def focus(faces: list[Box], moved: list[Box] | None, width: int, height: int) -> Box | None:
-    """Where the detector needs to look while faces are tracked: around each of them and around
-    whatever moves (someone walking in), as one box; None for the whole frame (what moved is
-    unknown, or the box would cover most of it anyway)."""
+    """Where the detector needs to look: around each tracked face and around whatever moves
+    (someone walking in), as one box; None for the whole frame (what moved is unknown, or the
+    box would cover most of it anyway)."""
     if moved is None:
         return None
     pad = _MOVED_MARGIN * width

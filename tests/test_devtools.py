@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import zipfile
@@ -50,11 +51,19 @@ def test_bench_on_a_second_of_video(tmp_path: Path, models_dir: Path) -> None:
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(SAMPLE_CLIP), "-t", "1", "-c",
                     "copy", str(clip)], check=True)
     env = {k: v for k, v in os.environ.items() if k != "EDGE_AGENT_SHARED"}
-    r = subprocess.run([sys.executable, "-m", "edge_agent", "bench", "--clip", str(clip),
-                        "--modes", "decode,agent"], capture_output=True, text=True, timeout=300,
-                       cwd=REPO, env=env)
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edge_agent", "bench", "--clip", str(clip),
+                               "--modes", "decode,agent", *args], capture_output=True,
+                              text=True, timeout=300, cwd=REPO, env=env)
+
+    r = bench("--rounds", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "agent / decode CPU" in r.stdout
+    assert re.findall(r"^(\w+) +\d+ ", r.stdout, re.M) == ["decode", "agent"] * 2, r.stdout
+    assert re.search(r"agent / decode CPU: [\d.]+x \(median of 2 rounds, each round: "
+                     r"[\d.]+, [\d.]+\)", r.stdout), r.stdout
+    r = bench("--rounds", "0")
+    assert r.returncode == 2 and "--rounds: expected an integer >= 1" in r.stdout, r.stdout
 
 
 def test_demo_summary() -> None:

@@ -13,22 +13,22 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-MODULES = ("_ssl", "_hashlib")
+_MODULES = ("_ssl", "_hashlib")
 _OWN_SHA256 = ("_sha2", "_sha256")  # Python 3.12 on, and 3.11
 
 
 def keep_out() -> bool:
     """Mark OpenSSL's modules absent. False, and nothing done, if something has imported them
     already or this Python has no SHA-256 of its own to fall back on."""
-    if any(name in sys.modules for name in (*MODULES, "ssl", "hashlib")):
+    if any(name in sys.modules for name in (*_MODULES, "ssl", "hashlib")):
         return False
     if not any(importlib.util.find_spec(name) for name in _OWN_SHA256):
         return False
-    for name in MODULES:
+    for name in _MODULES:
         sys.modules[name] = None  # type: ignore[assignment]  # the import system's "absent"
     return True
 
 
 def kept_out() -> bool:
     """True if this process runs without OpenSSL (TLS cannot be turned on until a restart)."""
-    return all(name in sys.modules and sys.modules[name] is None for name in MODULES)
+    return all(name in sys.modules and sys.modules[name] is None for name in _MODULES)

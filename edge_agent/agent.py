@@ -121,13 +121,10 @@ class Pipeline:
         tracks = self.tracker.tracks
         if self.motion is None or not self.crop:
             return None
-        if tracks:
-            self._crop_runs += 1
-            if self._crop_runs >= FULL_FRAME_EVERY:
-                self._crop_runs = 0
-                return None
-        else:
+        self._crop_runs = self._crop_runs + 1 if tracks else 0
+        if self._crop_runs >= FULL_FRAME_EVERY:
             self._crop_runs = 0
+            return None
         h, w = frame.image.shape[:2]
         region = focus([t.box for t in tracks], self.motion.regions(), w, h)
         self.detect_cropped += region is not None
@@ -319,7 +316,7 @@ class Agent:
         old = self.cfg
         changed = _changed_keys(old, new)
         later = {k.split(".")[0] for k in changed} - RELOADABLE
-        if new.mqtt.tls and openssl.kept_out() and any(k.startswith("mqtt.") for k in changed):
+        if new.mqtt.tls and openssl.kept_out():  # started without TLS, so mqtt.tls changed
             log.warning("reload: mqtt.tls needs OpenSSL, which the agent left out when it "
                         "started without TLS; mqtt.* take effect at the next start")
             later.add("mqtt")

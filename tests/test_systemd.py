@@ -27,6 +27,9 @@ import pytest
 import yaml
 from conftest import REPO, SAMPLE_CLIP
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "ansible"))
+from testbed import container_init
+
 pytestmark = pytest.mark.timeout(900)  # a cold cache builds the root, wheels and venv first
 
 UNIT = REPO / "deploy" / "systemd" / "edge-agent.service"
@@ -267,12 +270,14 @@ def machine(test_root: Path, venv: Path, tmp_path_factory: pytest.TempPathFactor
         while not m.leader:
             assert proc.poll() is None, "systemd-nspawn exited during boot"
             assert time.monotonic() - t0 < 30, "no container init after 30 s"
-            pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                  text=True).stdout.split()
-            m.leader = int(pids[0]) if pids else 0
+            m.leader = container_init(proc.pid)
             time.sleep(0.1)
-        m.wait_for(lambda: m.sh("systemctl is-system-running", check=False).stdout.strip()
-                   in ("running", "degraded"), 180, "container boot")
+        try:
+            m.wait_for(lambda: m.sh("systemctl is-system-running", check=False).stdout.strip()
+                       in ("running", "degraded"), 180, "container boot")
+        except AssertionError as e:
+            jobs = m.sh("systemctl is-system-running; systemctl list-jobs --no-pager", check=False)
+            raise AssertionError(f"{e}\n{jobs.stdout}{jobs.stderr}") from None
         yield m
     finally:
         proc.terminate()  # nspawn asks the container's systemd to power off

@@ -54,6 +54,24 @@ def run(*cmd: str | Path, check: bool = True, **kw) -> subprocess.CompletedProce
                           capture_output=kw.pop("capture_output", True), **kw)
 
 
+def container_init(nspawn_pid: int) -> int:
+    """PID 1 of the container that this systemd-nspawn boots, as the host sees it; 0 until it runs.
+
+    nspawn's first child is a short-lived helper outside the container's PID namespace: taking
+    any child can pick it, and nsenter then finds nothing. Only init is PID 1 in a namespace.
+    """
+    children = run("pgrep", "-P", str(nspawn_pid), check=False).stdout.split()
+    for pid in children:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspid = re.search(r"^NSpid:\s*(.*)$", status, re.M)
+        if nspid and nspid.group(1).split()[1:] == ["1"]:
+            return int(pid)
+    return 0
+
+
 def missing_tools() -> list[str]:
     """Host tools without which no fleet can be made (the test skips naming them)."""
     tools = ["systemd-nspawn", "debootstrap", "ip", "ssh", "ssh-keygen", "mosquitto",
@@ -171,13 +189,11 @@ class Host:
         return self.workdir / "root"
 
     def leader_pid(self) -> int:
-        """PID 1 of the container, as the host sees it (the child of systemd-nspawn)."""
         assert self.proc is not None
-        out = run("ps", "-o", "pid=", "--ppid", str(self.proc.pid), check=False).stdout
-        pids = [int(p) for p in out.split()]
-        if not pids:
+        pid = container_init(self.proc.pid)
+        if not pid:
             raise RuntimeError(f"{self.name}: the container has no init process")
-        return pids[0]
+        return pid
 
     def sh(self, command: str, check: bool = True, timeout: float = 60
            ) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import devtools
 import edge_agent
 from devtools import assets, scenario
 from edge_agent import config, openssl
-from edge_agent.capture import Frame, FrameSource, open_source
+from edge_agent.capture import Blank, Frame, FrameSource, open_source
 
 # ungated: the agent without its motion gate; uncropped: with it, but never detecting on crops
 MODES = ("decode", "agent", "naive", "ungated", "uncropped")
@@ -142,7 +142,8 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     frames = 0
     private = _private_mb()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for frame in each_frame(source):
+    # Decode-only and naive convert every frame; the agent only those it looks at.
+    for frame in each_frame(source, lambda: pipe is None or pipe.needs_image):
         frames += 1
         if step is not None:
             step(frame)
@@ -170,10 +171,12 @@ def measure(mode: str, clip: str, models_dir: str, every_n: int) -> dict[str, An
     return out
 
 
-def each_frame(source: FrameSource) -> Iterator[Frame]:
-    """Every frame of a file source, waiting out slow reads, until it has delivered its last."""
+def each_frame(source: FrameSource,
+               image: Callable[[], bool] = lambda: True) -> Iterator[Frame | Blank]:
+    """Every frame of a file source, waiting out slow reads, until it has delivered its last;
+    `image()` says before each read whether it is to be converted to colour."""
     while True:
-        frame = source.read(5.0)
+        frame = source.read(5.0, image())
         if frame is not None:
             yield frame
         elif source.finished:

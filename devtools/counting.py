@@ -65,7 +65,7 @@ def run_scene(clip: Path, scn: scenario.Scenario, models: Path,
     pipe.totals.tick = timed_tick  # type: ignore[method-assign]
     source = open_source(cfg.source)
     frames = 0
-    for frame in each_frame(source):
+    for frame in each_frame(source, lambda: pipe.needs_image):
         frames += 1
         pipe.step(frame)
     pipe.finish()

@@ -14,7 +14,7 @@ from typing import Any
 import cv2
 
 from edge_agent import config, metrics, models, openssl, redact, service
-from edge_agent.capture import Frame, FrameSource, open_source
+from edge_agent.capture import Blank, Frame, FrameSource, open_source
 from edge_agent.classify import AGE_FILE, GENDER_FILE, FaceClassifier, TrackClassifier
 from edge_agent.config import Config, ConfigError, LineConfig, SourceConfig, topic_base
 from edge_agent.count import DailyTotals, LineCounter
@@ -76,8 +76,18 @@ class Pipeline:
         self._crop_runs = 0
         self.detect_cropped = 0  # detector runs on a region rather than the whole frame
 
-    def step(self, frame: Frame) -> None:
+    @property
+    def needs_image(self) -> bool:
+        """Whether the next frame will be looked at: a face is tracked or the detector is due.
+        The source skips converting the others to colour (`Blank`)."""
+        return bool(self.tracker.tracks) or self._since_detect + 1 >= self.every_n
+
+    def step(self, frame: Frame | Blank) -> None:
         self.stats.frame(time.monotonic())
+        if isinstance(frame, Blank):  # only when needs_image said no: nothing to look at
+            self._since_detect += 1
+            self.totals.tick()
+            return
         if frame.image.shape != self._shape:
             if self._shape:
                 log.warning("frame size changed from %s to %s: ending open tracks",
@@ -406,7 +416,7 @@ def _loop(agent: Agent, svc: service.Service, stop: threading.Event, reload: thr
     next_state = 0.0
     while not stop.is_set():
         source, pipe, cfg = agent.source, agent.pipe, agent.cfg
-        frame = source.read(READ_TIMEOUT_S)
+        frame = source.read(READ_TIMEOUT_S, image=pipe.needs_image)
         if frame is not None:
             pipe.step(frame)
         elif source.finished:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import math
 import os
@@ -49,10 +48,23 @@ class Frame:
     stream_s: float | None = None
 
 
+@dataclass(slots=True)
+class Blank:
+    """A frame decoded but not converted to colour, because the loop said it would not look at
+    it (nobody tracked, the detector not due): the conversion costs a fifth of decoding, and a
+    codec must decode every frame anyway. The fields mean what they mean in `Frame`."""
+
+    index: int
+    ts: float
+    mono: float
+    stream_s: float | None = None
+
+
 class FrameSource(Protocol):
-    def read(self, timeout: float) -> Frame | None:
+    def read(self, timeout: float, image: bool = True) -> Frame | Blank | None:
         """The next frame, or None if none came within `timeout` seconds (stream stalled or
-        reconnecting). Never blocks longer than `timeout`."""
+        reconnecting). Never blocks longer than `timeout`. With `image` False the frame may
+        come as a `Blank`; with `image` True it never does."""
 
     @property
     def finished(self) -> bool:
@@ -156,7 +168,7 @@ class FileSource:
     def next_index(self) -> int:
         return self._index
 
-    def read(self, timeout: float) -> Frame | None:
+    def read(self, timeout: float, image: bool = True) -> Frame | Blank | None:
         if self._finished or self._cap is None:
             return None
         if self._start_mono is None:
@@ -182,18 +194,19 @@ class FileSource:
             self._finish()
             return None
         self._grabbed = False
+        index, offset = self._index, self._index / self.fps
+        self._index += 1
+        if not image:
+            return Blank(index, self._start_wall + offset, self._start_mono + offset)
         # A frame that is scaled down at once is decoded into one reused buffer: at 4K that
         # saves a 25 MB allocation per frame and the old frame lingering beside the new one.
-        ok, image = self._cap.retrieve(self._buf)
+        ok, bgr = self._cap.retrieve(self._buf)
         if not ok:
             self._finish()
             return None
-        small = fit_width(image, self._max_width)
-        self._buf, image = (image if small is not image else None), small
-        offset = self._index / self.fps
-        frame = Frame(image, self._index, self._start_wall + offset, self._start_mono + offset)
-        self._index += 1
-        return frame
+        small = fit_width(bgr, self._max_width)
+        self._buf = bgr if small is not bgr else None
+        return Frame(small, index, self._start_wall + offset, self._start_mono + offset)
 
     def _advance(self) -> bool:
         """Make sure a frame is grabbed, restarting the file at its end when looping."""
@@ -238,7 +251,10 @@ class _LiveSource:
         self.size: tuple[int, int] | None = None
         self.paced_fps: float | None = None
         self._state = "connecting"
-        self._slot: Frame | None = None
+        self._slot: Frame | Blank | None = None
+        # What the consumer last asked for; the reader reads it unlocked, and a frame it
+        # converts or not a moment too late costs one conversion or one frame, nothing else.
+        self._want_image = True
         self._count = first_index
         self._failures = 0
         self._cond = threading.Condition()
@@ -264,12 +280,19 @@ class _LiveSource:
     def next_index(self) -> int:
         return self._count
 
-    def read(self, timeout: float) -> Frame | None:
+    def read(self, timeout: float, image: bool = True) -> Frame | Blank | None:
         self._supervise(time.monotonic())
+        until = time.monotonic() + timeout
         with self._cond:
-            self._cond.wait_for(lambda: self._slot is not None or self._stop.is_set(), timeout)
-            frame, self._slot = self._slot, None
-        return frame
+            self._want_image = image
+            while self._cond.wait_for(lambda: self._slot is not None or self._stop.is_set(),
+                                      until - time.monotonic()):
+                frame, self._slot = self._slot, None
+                # A Blank read before pixels were asked for again is dropped, as a slow
+                # consumer drops frames: the next one will have them.
+                if frame is None or isinstance(frame, Frame) or not image:
+                    return frame
+        return None
 
     def close(self) -> None:
         """Stop the reader; a read blocked in the codec ends within its read timeout and then
@@ -359,9 +382,19 @@ class _LiveSource:
         """Hand frames over until the device fails; returns (any frame delivered, why it ended)."""
         delivered = False
         buf: np.ndarray | None = None
+
+        def read() -> tuple[bool, np.ndarray | None]:
+            """Decode; convert (for MJPG cameras: decode the JPEG) only what will be looked at,
+            and always the first frame, which tells the size."""
+            if not cap.grab():
+                return False, None
+            if delivered and not self._want_image:
+                return True, None
+            ok, bgr = cap.retrieve(buf)
+            return ok and bgr is not None, bgr
+
         while self._current(gen):
             started = time.monotonic()
-            read = cap.read if buf is None else functools.partial(cap.read, buf)
             try:
                 ok, image = self._call(gen, self.cfg.read_timeout_s + _ABANDON_GRACE_S, read)
             except cv2.error as e:
@@ -369,24 +402,27 @@ class _LiveSource:
             waited = time.monotonic() - started
             if waited >= self.cfg.read_timeout_s:  # FFmpeg may still hand back a stale frame
                 return delivered, f"no frame for {waited:.1f} s"
-            if not ok or image is None:
+            if not ok:
                 return delivered, "stream ended or read failed"
-            size = (image.shape[1], image.shape[0])
             pos = cap.get(cv2.CAP_PROP_POS_MSEC) if self.has_clock else -1.0
             clock = pos / 1000 if math.isfinite(pos) and pos >= 0 else None
-            small = fit_width(image, self.cfg.max_width)
-            buf, image = (image if small is not image else None), small  # reuse what was scaled
+            frame: Frame | Blank = Blank(self._count, time.time(), time.monotonic(), clock)
+            if image is not None:
+                size = (image.shape[1], image.shape[0])
+                small = fit_width(image, self.cfg.max_width)
+                buf = image if small is not image else None  # reuse what was scaled
+                frame = Frame(small, frame.index, frame.ts, frame.mono, clock)
             with self._cond:
                 if not self._current(gen):
                     break
                 if not delivered:  # an abandoned reader that came back must not set it
                     self.size = size
                     log_size(self.uri, *size, self.cfg.max_width)
-                self._slot = Frame(image, self._count, time.time(), time.monotonic(), clock)
+                self._slot = frame
                 self._count += 1
                 delivered = True
                 if self._state != "open":
-                    log.info("%s: open (%dx%d)", self.uri, image.shape[1], image.shape[0])
+                    log.info("%s: open (%dx%d)", self.uri, *size)
                     self._state = "open"
                 self._cond.notify_all()
         return delivered, "closed"

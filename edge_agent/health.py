@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from edge_agent.config import Config, MemoryConfig
 
 if TYPE_CHECKING:
-    from edge_agent.capture import Frame, FrameSource
+    from edge_agent.capture import Blank, Frame, FrameSource
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class PaceWatch:
         """A new source or pipeline: judge from the next frame on, keeping what was said."""
         self._start = None
 
-    def check(self, now: float, frame: Frame | None, source: FrameSource) -> None:
+    def check(self, now: float, frame: Frame | Blank | None, source: FrameSource) -> None:
         """Each loop turn, with the frame processed (None if the read timed out)."""
         if self._start is not None and (source.state != "open"
                                         or source.reconnects != self._reconnects):

@@ -21,11 +21,11 @@ def stall_after(after_s: float, open_source: Any) -> Any:
         source = open_source(*args, **kwargs)
         read, at = source.read, time.monotonic() + after_s
 
-        def read_or_stall(timeout: float) -> Any:
+        def read_or_stall(timeout: float, image: bool = True) -> Any:
             if time.monotonic() >= at:
                 logging.getLogger("edge_agent.test").warning("stalling the frame loop now")
                 threading.Event().wait()
-            return read(timeout)
+            return read(timeout, image)
 
         source.read = read_or_stall
         return source

@@ -12,7 +12,7 @@ from conftest import SAMPLE_CLIP
 
 from edge_agent import config
 from edge_agent.agent import Pipeline
-from edge_agent.capture import Frame, open_source
+from edge_agent.capture import Blank, Frame, open_source
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,29 @@ def first_half(frames: list[Frame], models_dir: Path
         e["track_id"] for e in events if e["type"] == "end"}
     assert open_ids, "the test needs faces in view half way"
     return pipe, events, open_ids
+
+
+def test_frames_nobody_looks_at_stay_blank_and_change_no_event(models_dir: Path) -> None:
+    """With nobody tracked and the detector not due the source skips the colour conversion;
+    the events are the same as with every frame converted."""
+    def run(blank: bool) -> tuple[list[dict[str, Any]], int]:
+        pipe, events = pipeline(models_dir)
+        src = open_source(config.SourceConfig(uri=str(SAMPLE_CLIP), realtime=False))
+        blanks = 0
+        while (f := src.read(1.0, image=pipe.needs_image or not blank)) is not None:
+            blanks += isinstance(f, Blank)
+            pipe.step(f)
+            if f.index == 800:
+                break
+        pipe.finish()
+        src.close()
+        return [{k: v for k, v in e.items() if k != "ts"} for e in events], blanks
+
+    converted, none = run(blank=False)
+    skipped, blanks = run(blank=True)
+    assert none == 0 and blanks > 100, blanks
+    assert [e["type"] for e in converted].count("new") >= 2
+    assert skipped == converted
 
 
 def test_a_resolution_change_ends_open_tracks(frames: list[Frame], models_dir: Path) -> None:

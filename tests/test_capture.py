@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import RtspServer, free_port, wait_port
 
-from edge_agent.capture import Frame, FrameSource, open_source
+from edge_agent.capture import Blank, Frame, FrameSource, open_source
 from edge_agent.config import SourceConfig
 
 W, H, CELL = 320, 240, 80
@@ -124,6 +124,20 @@ def test_file_as_fast_as_possible_delivers_every_frame_then_finishes(tmp_path: P
     assert src.finished and src.state == "finished"
     assert src.read(0.1) is None
     src.close()
+
+
+def test_file_frames_not_asked_for_in_colour_come_blank_and_the_rest_unchanged(
+        tmp_path: Path) -> None:
+    clip = mp4v_clip(tmp_path / "clip.mp4", frames=20, fps=10)
+    src = open_source(SourceConfig(uri=str(clip), realtime=False))
+    frames = [src.read(1.0, image=n % 3 == 0) for n in range(20)]
+    src.close()
+
+    assert [type(f) for f in frames] == [Frame if n % 3 == 0 else Blank for n in range(20)]
+    assert [f.index for f in frames if f] == list(range(20))
+    assert [code(f.image) for f in frames if isinstance(f, Frame)] == list(range(0, 20, 3))
+    assert [f.ts - frames[0].ts for f in frames if f and frames[0]] == pytest.approx(
+        [i / 10 for i in range(20)])
 
 
 def test_file_loop_counts_on_across_loops(tmp_path: Path) -> None:
@@ -345,6 +359,23 @@ def test_mjpeg_over_http_delivers_only_the_newest_frame(mjpeg: MjpegServer) -> N
         assert latest.index - frames[-1].index >= 8, "the reader kept reading while we slept"
         assert mjpeg.last_sent - code(latest.image) <= 3, "got a stale frame, not the newest"
         assert src.reconnects == 0 and mjpeg.connections == 1
+    finally:
+        src.close()
+
+
+def test_a_live_stream_converts_only_the_frames_asked_for(mjpeg: MjpegServer) -> None:
+    """Blank frames (MJPG: the JPEG not decoded) while no image is wanted; asked for again,
+    the next frame has its own pixels, not a stale frame's."""
+    src = open_source(replace(LIVE, uri=f"http://127.0.0.1:{mjpeg.server_address[1]}/video"))
+    try:
+        assert isinstance(src.read(3.0), Frame) and src.size == (W, H)
+        src.read(1.0, image=False)  # may have been converted before it was asked not to be
+        blanks = [f for _ in range(10) if (f := src.read(1.0, image=False)) is not None]
+        assert len(blanks) == 10 and all(isinstance(f, Blank) for f in blanks), blanks
+        frames = [f for _ in range(10) if (f := src.read(1.0)) is not None]
+        assert len(frames) == 10 and all(isinstance(f, Frame) for f in frames)
+        assert frames[0].index > blanks[-1].index
+        assert [code(f.image) for f in frames] == [f.index for f in frames]
     finally:
         src.close()
 

@@ -354,13 +354,18 @@ def test_camera_missing_at_start(agent_on: Callable[..., Agent]) -> None:
 
 
 class FakeCapture:
-    """cv2.VideoCapture's read/release, fed by a FakeDevice."""
+    """cv2.VideoCapture's grab/retrieve/release, fed by a FakeDevice."""
 
     def __init__(self, device: FakeDevice) -> None:
         self.device = device
+        self.grabbed: tuple[bool, np.ndarray | None] = (False, None)
 
-    def read(self) -> tuple[bool, np.ndarray | None]:
-        return self.device.read()
+    def grab(self) -> bool:
+        self.grabbed = self.device.read()
+        return self.grabbed[0]
+
+    def retrieve(self, image: np.ndarray | None = None) -> tuple[bool, np.ndarray | None]:
+        return self.grabbed
 
     def get(self, prop: int) -> float:
         return -1.0  # no property, timestamps included, as a driver that offers none

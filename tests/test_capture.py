@@ -369,7 +369,8 @@ def test_a_live_stream_converts_only_the_frames_asked_for(mjpeg: MjpegServer) ->
     src = open_source(replace(LIVE, uri=f"http://127.0.0.1:{mjpeg.server_address[1]}/video"))
     try:
         assert isinstance(src.read(3.0), Frame) and src.size == (W, H)
-        src.read(1.0, image=False)  # may have been converted before it was asked not to be
+        for _ in range(2):  # the reader may be converting one frame as the request changes
+            src.read(1.0, image=False)
         blanks = [f for _ in range(10) if (f := src.read(1.0, image=False)) is not None]
         assert len(blanks) == 10 and all(isinstance(f, Blank) for f in blanks), blanks
         frames = [f for _ in range(10) if (f := src.read(1.0)) is not None]

@@ -80,7 +80,7 @@ class Pipeline:
     def needs_image(self) -> bool:
         """Whether the next frame will be looked at: a face is tracked or the detector is due.
         The source skips converting the others to colour (`Blank`)."""
-        return bool(self.tracker.tracks) or self._since_detect + 1 >= self.every_n
+        return self.tracker.tracking or self._since_detect + 1 >= self.every_n
 
     def step(self, frame: Frame | Blank) -> None:
         self.stats.frame(time.monotonic())
@@ -117,7 +117,7 @@ class Pipeline:
         """With faces in view, always; otherwise only when something moves. The gate looks at
         due frames only, so the detector still runs on the same frames as without it."""
         moving = self.motion is None or self.motion.moving(frame.image)
-        if moving or self.tracker.tracks:
+        if moving or self.tracker.tracking:
             return True
         self._since_detect = 0
         self.stats.skipped()

@@ -195,9 +195,10 @@ class FileSource:
             return None
         self._grabbed = False
         index, offset = self._index, self._index / self.fps
+        ts, mono = self._start_wall + offset, self._start_mono + offset
         self._index += 1
         if not image:
-            return Blank(index, self._start_wall + offset, self._start_mono + offset)
+            return Blank(index, ts, mono)
         # A frame that is scaled down at once is decoded into one reused buffer: at 4K that
         # saves a 25 MB allocation per frame and the old frame lingering beside the new one.
         ok, bgr = self._cap.retrieve(self._buf)
@@ -206,7 +207,7 @@ class FileSource:
             return None
         small = fit_width(bgr, self._max_width)
         self._buf = bgr if small is not bgr else None
-        return Frame(small, index, self._start_wall + offset, self._start_mono + offset)
+        return Frame(small, index, ts, mono)
 
     def _advance(self) -> bool:
         """Make sure a frame is grabbed, restarting the file at its end when looping."""
@@ -406,12 +407,15 @@ class _LiveSource:
                 return delivered, "stream ended or read failed"
             pos = cap.get(cv2.CAP_PROP_POS_MSEC) if self.has_clock else -1.0
             clock = pos / 1000 if math.isfinite(pos) and pos >= 0 else None
-            frame: Frame | Blank = Blank(self._count, time.time(), time.monotonic(), clock)
-            if image is not None:
+            ts, mono = time.time(), time.monotonic()
+            frame: Frame | Blank
+            if image is None:
+                frame = Blank(self._count, ts, mono, clock)
+            else:
                 size = (image.shape[1], image.shape[0])
                 small = fit_width(image, self.cfg.max_width)
                 buf = image if small is not image else None  # reuse what was scaled
-                frame = Frame(small, frame.index, frame.ts, frame.mono, clock)
+                frame = Frame(small, self._count, ts, mono, clock)
             with self._cond:
                 if not self._current(gen):
                     break

@@ -115,6 +115,11 @@ class Tracker:
         """Live tracks, tentative and confirmed."""
         return list(self._live)
 
+    @property
+    def tracking(self) -> bool:
+        """Whether any track is live; asked on every frame, so without copying the list."""
+        return bool(self._live)
+
     def update(self, frame: Frame, detections: list[Detection] | None) -> list[Track]:
         """Advance one frame (`detections` is None on frames the detector skipped).
         Returns the confirmed tracks that ended in this step.
